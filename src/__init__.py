@@ -1,0 +1,1 @@
+"""Training and inference core of the trainable Llama-2-chat Cog container."""

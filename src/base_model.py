@@ -1,0 +1,144 @@
+"""Where the base model comes from: the BASE_MODEL environment variable, resolved to a folder.
+
+BASE_MODEL is one of
+  * a local folder in Hugging Face format (used in place),
+  * an https URL of a tar archive of such a folder (downloaded and unpacked once into the cache),
+  * a Hugging Face repo id (default meta-llama/Llama-2-7b-chat-hf; HF_TOKEN for the gated repo),
+    downloaded once into the cache.
+The cache folder is BASE_MODEL_CACHE (default ~/.cache/llama2-cog). Nothing happens at import.
+"""
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.archive import safe_extract
+from src.errors import UserInputError
+from src.log import log
+
+DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+MAX_BASE_ARCHIVE_BYTES = 64 * 2**30
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model ready to load: what the user named and the folder that holds it."""
+
+    source: str
+    path: Path
+
+
+def base_model_source() -> str:
+    return os.environ.get("BASE_MODEL") or DEFAULT_BASE_MODEL
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BASE_MODEL_CACHE") or Path.home() / ".cache" / "llama2-cog")
+
+
+def resolve_base_model(source: str | None = None) -> BaseModel:
+    """The folder of the base model, fetching it into the cache the first time."""
+    source = source or base_model_source()
+    if source.startswith(("https://", "http://")):
+        path = _fetch_archive(source)
+    elif Path(source).is_dir():
+        path = Path(source)
+    elif Path(source).is_absolute() or source.startswith("."):
+        raise UserInputError(f"BASE_MODEL: no such folder: {source}")
+    else:
+        path = _fetch_hub(source)
+    if not (path / "config.json").is_file():
+        raise UserInputError(f"BASE_MODEL {source}: no config.json in {path}")
+    return BaseModel(source, path)
+
+
+def _fetch_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    log(f"base model: fetching {repo_id} from the Hugging Face Hub (cached in {cache_dir()})")
+    try:
+        folder = snapshot_download(
+            repo_id,
+            cache_dir=cache_dir() / "hub",
+            allow_patterns=_WEIGHT_PATTERNS,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    except LocalEntryNotFoundError as error:
+        raise UserInputError(
+            f"BASE_MODEL {repo_id}: not in the cache and the Hub cannot be reached "
+            f"(offline or HF_HUB_OFFLINE=1): {error}"
+        ) from error
+    except HfHubHTTPError as error:
+        raise UserInputError(
+            f"BASE_MODEL {repo_id}: download failed ({error}); for a gated repo set HF_TOKEN"
+        ) from error
+    return Path(folder)
+
+
+def _fetch_archive(url: str) -> Path:
+    target = cache_dir() / "archives" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if (target / ".complete").is_file():
+        return _model_folder(target, url)
+    log(f"base model: downloading {url}")
+    with tempfile.TemporaryDirectory(dir=_mkdir(cache_dir())) as tmp:
+        tar_path = Path(tmp) / "model.tar"
+        download(url, tar_path, what="BASE_MODEL")
+        unpacked = Path(tmp) / "unpacked"
+        safe_extract(tar_path, unpacked, MAX_BASE_ARCHIVE_BYTES, what=f"BASE_MODEL {url}")
+        (unpacked / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        _mkdir(target.parent)
+        unpacked.rename(target)  # atomic: a half-written cache entry is never used
+    return _model_folder(target, url)
+
+
+def _model_folder(root: Path, url: str) -> Path:
+    """The folder with config.json: the archive root or its single top folder."""
+    if (root / "config.json").is_file():
+        return root
+    candidates = [p.parent for p in root.glob("*/config.json")]
+    if len(candidates) != 1:
+        raise UserInputError(
+            f"BASE_MODEL {url}: the archive holds no model folder with config.json"
+        )
+    return candidates[0]
+
+
+def download(url: str, destination: Path, what: str, attempts: int = 3) -> None:
+    """Download with a progress line every 10 seconds and retries on network errors."""
+    for attempt in range(1, attempts + 1):
+        try:
+            _download_once(url, destination)
+            return
+        except OSError as error:  # URLError, HTTPError and socket errors are OSErrors
+            client_error = isinstance(error, urllib.error.HTTPError) and error.code < 500
+            if attempt == attempts or client_error:
+                raise UserInputError(f"{what}: could not download {url}: {error}") from error
+            log(f"{what}: download failed ({error}); retrying ({attempt}/{attempts - 1})")
+            time.sleep(attempt)
+
+
+def _download_once(url: str, destination: Path) -> None:
+    with urllib.request.urlopen(url, timeout=60) as response, destination.open("wb") as out:
+        total = int(response.headers.get("Content-Length") or 0)
+        done, last_report = 0, time.monotonic()
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            if time.monotonic() - last_report > 10:
+                share = f" of {total / 2**20:.0f} MiB" if total else ""
+                log(f"downloaded {done / 2**20:.0f} MiB{share}")
+                last_report = time.monotonic()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,163 @@
+"""From tokenized examples to micro-batches: packing, the data order and exact batch semantics.
+
+A *row* is one line of a batch: a sequence of *segments* (whole examples, or fragments of
+examples in wrap mode). Every segment starts its own position ids at 0, and the model is run
+without an attention mask and without the KV cache, so transformers derives a block-diagonal
+causal mask from the position ids: no token attends across a segment boundary. Padding is
+one more segment with no targets. Without packing a row is one example.
+
+An optimizer step takes exactly `train_batch_size` rows (the last step of an epoch takes what
+is left), split into micro-batches of at most `micro_batch_size` rows.
+"""
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from src.data import Example
+from src.prompt_format import IGNORE_INDEX, TokenizedExample
+
+PAD_TOKEN_ID = 0  # <unk>; never a target, never attended to by real tokens
+
+
+@dataclass(frozen=True)
+class Row:
+    segments: tuple[TokenizedExample, ...]
+
+    def __len__(self) -> int:
+        return sum(len(s.input_ids) for s in self.segments)
+
+
+@dataclass(frozen=True)
+class PackingStats:
+    rows: int
+    real_tokens: int
+    slots: int  # rows x chunk_size when packing, real tokens otherwise
+    truncated_examples: int
+    truncated_tokens: int
+
+    @property
+    def efficiency(self) -> float:
+        return self.real_tokens / self.slots if self.slots else 1.0
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L), restarting at 0 at each segment
+    targets: torch.Tensor  # (B, L), the token to predict at each position, or IGNORE_INDEX
+    num_targets: int
+    num_real_tokens: int
+
+
+def build_rows(
+    examples: list[Example], pack: bool, wrap: bool, chunk_size: int
+) -> tuple[list[Row], PackingStats]:
+    """Rows for training: one per example, packed best-fit-decreasing, or wrapped."""
+    segments = [e.tokens for e in examples]
+    real = sum(len(s.input_ids) for s in segments)
+    if not pack:
+        return [Row((s,)) for s in segments], PackingStats(len(segments), real, real, 0, 0)
+    if wrap:
+        rows = _wrap(segments, chunk_size)
+        return rows, PackingStats(len(rows), real, len(rows) * chunk_size, 0, 0)
+    truncated = [s for s in segments if len(s.input_ids) > chunk_size]
+    cut = sum(len(s.input_ids) - chunk_size for s in truncated)
+    segments = [_truncate(s, chunk_size) for s in segments]
+    rows = _best_fit_decreasing(segments, chunk_size)
+    stats = PackingStats(len(rows), real - cut, len(rows) * chunk_size, len(truncated), cut)
+    return rows, stats
+
+
+def _truncate(segment: TokenizedExample, limit: int) -> TokenizedExample:
+    if len(segment.input_ids) <= limit:
+        return segment
+    return TokenizedExample(segment.input_ids[:limit], segment.labels[:limit])
+
+
+def _best_fit_decreasing(segments: list[TokenizedExample], capacity: int) -> list[Row]:
+    """Longest first, each into the fullest row that still has room: nothing is dropped."""
+    bins: list[list[TokenizedExample]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, bin index)
+    for segment in sorted(segments, key=lambda s: len(s.input_ids), reverse=True):
+        size = len(segment.input_ids)
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            bins.append([segment])
+            bisect.insort(free, (capacity - size, len(bins) - 1))
+            continue
+        room, index = free.pop(at)
+        bins[index].append(segment)
+        bisect.insort(free, (room - size, index))
+    return [Row(tuple(b)) for b in bins]
+
+
+def _wrap(segments: list[TokenizedExample], chunk_size: int) -> list[Row]:
+    """Cut the stream of all examples into rows of exactly chunk_size tokens (the last padded)."""
+    rows: list[Row] = []
+    current: list[TokenizedExample] = []
+    room = chunk_size
+    for segment in segments:
+        ids, labels = segment.input_ids, segment.labels
+        while ids:
+            take = min(room, len(ids))
+            current.append(TokenizedExample(ids[:take], labels[:take]))
+            ids, labels, room = ids[take:], labels[take:], room - take
+            if room == 0:
+                rows.append(Row(tuple(current)))
+                current, room = [], chunk_size
+    if current:
+        rows.append(Row(tuple(current)))
+    return rows
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """A permutation that depends on the seed and the epoch only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_rows, generator=generator).tolist()
+
+
+def optimizer_steps(
+    rows: list[Row], order: list[int], batch_size: int, micro_batch_size: int
+) -> Iterator[list[list[Row]]]:
+    """Each step: `batch_size` rows as micro-batches of at most `micro_batch_size` rows.
+
+    Rows are sorted by length inside a step so that micro-batches need less padding; the
+    gradient of the step is the same whatever the grouping, since the loss is a sum.
+    """
+    for start in range(0, len(order), batch_size):
+        step_rows = sorted((rows[i] for i in order[start : start + batch_size]), key=len)
+        yield [
+            step_rows[i : i + micro_batch_size] for i in range(0, len(step_rows), micro_batch_size)
+        ]
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    return -(-num_rows // batch_size)
+
+
+def collate(rows: list[Row]) -> MicroBatch:
+    """Right-pad the rows to the longest one; the padding is a segment of its own."""
+    width = max(len(r) for r in rows)
+    input_ids, positions, targets = [], [], []
+    for row in rows:
+        ids, pos, tgt = [], [], []
+        for segment in row.segments:
+            ids += segment.input_ids
+            pos += range(len(segment.input_ids))
+            # Position i predicts token i + 1 of the same segment; the last predicts nothing.
+            tgt += [*segment.labels[1:], IGNORE_INDEX]
+        pad = width - len(ids)
+        input_ids.append(ids + [PAD_TOKEN_ID] * pad)
+        positions.append(pos + list(range(pad)))
+        targets.append(tgt + [IGNORE_INDEX] * pad)
+    targets_tensor = torch.tensor(targets)
+    return MicroBatch(
+        input_ids=torch.tensor(input_ids),
+        position_ids=torch.tensor(positions),
+        targets=targets_tensor,
+        num_targets=int((targets_tensor != IGNORE_INDEX).sum()),
+        num_real_tokens=sum(len(r) for r in rows),
+    )

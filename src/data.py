@@ -1,0 +1,168 @@
+"""Reading, checking, splitting and tokenizing the user's JSONL data.
+
+Each line holds one JSON object: {"text": ...} or {"prompt": ..., "completion": ...} with an
+optional "system"; both forms may be mixed in one file. Every problem is reported with the
+file and line before any model is loaded.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.errors import UserInputError, raise_all
+from src.log import log
+from src.prompt_format import (
+    TokenizedExample,
+    Tokenizer,
+    encode_chat_examples,
+    encode_text_examples,
+)
+
+KNOWN_FIELDS = {"text", "prompt", "completion", "system"}
+MAX_VALIDATION_SHARE = 5  # never hold out more than a fifth of the training rows
+
+
+@dataclass(frozen=True)
+class Row:
+    """One checked line of a JSONL file. Either `text` or `prompt` and `completion` are set."""
+
+    where: str  # "train_data line 17", for messages
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenized row, with where it came from."""
+
+    where: str
+    tokens: TokenizedExample
+
+    def __len__(self) -> int:
+        return len(self.tokens.input_ids)
+
+
+def read_jsonl(path: Path, name: str) -> list[Row]:
+    """Read and check every line; raise one UserInputError listing every bad line."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserInputError(f"{name} ({path.name}) is empty: it needs one JSON object per line")
+    rows: list[Row] = []
+    problems: list[str] = []
+    unknown: set[str] = set()
+    for number, raw in enumerate(data.splitlines(), start=1):
+        where = f"{name} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            problems.append(f"{where}: not valid UTF-8 (byte {error.start + 1} of the line)")
+            continue
+        if not line.strip():
+            continue  # blank lines carry no data
+        row = _parse_line(line, where, problems, unknown)
+        if row is not None:
+            rows.append(row)
+    raise_all(problems, f"{name} ({path.name}) has {len(problems)} bad line(s):")
+    if not rows:
+        raise UserInputError(f"{name} ({path.name}) holds no rows")
+    if unknown:
+        log(f"{name}: ignoring unknown field(s) {', '.join(sorted(unknown))}")
+    return rows
+
+
+def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -> Row | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        problems.append(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
+        return None
+    if not isinstance(record, dict):
+        problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+        return None
+    unknown.update(set(record) - KNOWN_FIELDS)
+    before = len(problems)
+    for key in KNOWN_FIELDS & set(record):
+        if not isinstance(record[key], str):
+            problems.append(f'{where}: "{key}" must be a string, got {type(record[key]).__name__}')
+    if len(problems) > before:
+        return None
+    if "text" in record:
+        if "prompt" in record or "completion" in record:
+            problems.append(f'{where}: has both "text" and "prompt"/"completion"; use one form')
+        elif not record["text"].strip():
+            problems.append(f'{where}: "text" is empty')
+        else:
+            return Row(where, text=record["text"])
+        return None
+    for key in ("prompt", "completion"):
+        if key not in record:
+            problems.append(
+                f'{where}: missing "{key}" (rows need "text" or "prompt" and "completion")'
+            )
+        elif not record[key].strip():
+            problems.append(f'{where}: "{key}" is empty')
+    if len(problems) > before:
+        return None
+    return Row(
+        where,
+        prompt=record["prompt"],
+        completion=record["completion"],
+        system=record.get("system") or None,
+    )
+
+
+def split_validation(
+    train_rows: list[Row], validation_rows: list[Row] | None, num_samples: int
+) -> tuple[list[Row], list[Row]]:
+    """The documented split: the head of validation_data, or else the tail of train_data.
+
+    Held-out rows never exceed a fifth of the training file, so a small file still trains.
+    """
+    if validation_rows is not None:
+        chosen = validation_rows[:num_samples]
+        log(f"validation: first {len(chosen)} of {len(validation_rows)} rows of validation_data")
+        return train_rows, chosen
+    allowed = len(train_rows) // MAX_VALIDATION_SHARE
+    held_out = min(num_samples, allowed)
+    if held_out < num_samples:
+        log(
+            f"validation: train_data has {len(train_rows)} rows, so {held_out} instead of "
+            f"{num_samples} are held out (at most a fifth of the rows)"
+        )
+    if held_out == 0:
+        log("validation: no rows to hold out; validation loss is skipped")
+        return train_rows, []
+    log(
+        f"validation: last {held_out} rows of train_data held out, "
+        f"{len(train_rows) - held_out} left to train on"
+    )
+    return train_rows[:-held_out], train_rows[-held_out:]
+
+
+def tokenize_rows(rows: list[Row], tokenizer: Tokenizer) -> list[Example]:
+    """Tokenize in two batched calls (text rows, chat rows), keeping the file order."""
+    text_rows = [r for r in rows if r.text is not None]
+    chat_rows = [r for r in rows if r.text is None]
+    text_examples = encode_text_examples(tokenizer, [r.text or "" for r in text_rows])
+    chat_examples = encode_chat_examples(
+        tokenizer,
+        [r.prompt or "" for r in chat_rows],
+        [r.completion or "" for r in chat_rows],
+        [r.system for r in chat_rows],
+    )
+    by_row = {
+        id(r): e for r, e in zip(text_rows + chat_rows, text_examples + chat_examples, strict=True)
+    }
+    return [Example(r.where, by_row[id(r)]) for r in rows]
+
+
+def check_lengths(examples: list[Example], limit: int, what: str) -> None:
+    """Rows longer than `limit` tokens are an error naming each of them."""
+    problems = [
+        f"{e.where}: {len(e)} tokens, longer than {what} of {limit} tokens"
+        for e in examples
+        if len(e) > limit
+    ]
+    raise_all(problems, f"{len(problems)} row(s) are too long:")

@@ -1,0 +1,93 @@
+"""Loading the base model (full precision or 4-bit NF4) and wrapping it with LoRA."""
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+# All linear projections of a Llama decoder layer: attention and MLP.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision the model runs."""
+
+    device: torch.device
+    dtype: torch.dtype  # weights and compute dtype: bf16 on GPU, fp32 on CPU
+
+
+def pick_placement() -> Placement:
+    if torch.cuda.is_available():
+        return Placement(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    return Placement(torch.device("cpu"), torch.float32)
+
+
+def read_model_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def context_window(model_dir: Path) -> int:
+    return int(read_model_config(model_dir).get("max_position_embeddings", 4096))
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_base_model(model_dir: Path, quantize_4bit: bool, placement: Placement) -> PreTrainedModel:
+    """The frozen base: in the placement's dtype, or in 4-bit NF4 with double quantisation."""
+    quantization = None
+    if quantize_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=placement.dtype,
+        )
+    hf_logging.disable_progress_bar()  # one bar per shard would flood the training logs
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=placement.dtype,
+        quantization_config=quantization,
+        device_map={"": placement.device},
+        attn_implementation="sdpa",
+    )
+    model.config.use_cache = False  # training; packed rows are isolated only without the cache
+    return model
+
+
+def add_lora(
+    model: PreTrainedModel, rank: int, alpha: int, dropout: float, quantized: bool
+) -> PeftModel:
+    """Trainable LoRA adapters on every linear projection of the decoder; the base stays frozen."""
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LORA_TARGET_MODULES,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():  # peft reads an attribute that transformers 5 renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        if quantized:
+            # Casts norms to fp32 and makes inputs require grad; checkpointing is separate.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return get_peft_model(model, lora)
+
+
+def enable_activation_checkpointing(model: PeftModel) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()

@@ -1,0 +1,104 @@
+"""The Llama-2 chat format, defined once for training and inference.
+
+One turn renders exactly as Meta's reference code and the chat template of
+meta-llama/Llama-2-7b-chat-hf do:
+
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{prompt} [/INST] {completion} </s>
+
+without the <<SYS>> block when there is no system prompt. Token ids are assembled piece by
+piece (BOS, the user turn, the completion, EOS) so that the ids of a prompt at inference are
+exactly the ids that preceded its completion in training, and so that labels cover only the
+completion and the EOS.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+FORMAT_NAME = "llama-2-chat"
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+IGNORE_INDEX = -100  # label of a token that is not trained on
+
+
+class Tokenizer(Protocol):
+    bos_token_id: int
+    eos_token_id: int
+
+    def __call__(self, text: list[str], add_special_tokens: bool) -> dict: ...
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids and labels of one example; labels[i] is IGNORE_INDEX where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_supervised(self) -> int:
+        # The first token is never a target: nothing precedes it.
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+def render_user_turn(prompt: str, system: str | None = None) -> str:
+    """`[INST] ... [/INST]` for one user message; no <<SYS>> block without a system prompt."""
+    content = f"{B_SYS}{system}{E_SYS}{prompt}" if system else prompt
+    return f"{B_INST} {content.strip()} {E_INST}"
+
+
+def render_completion(completion: str) -> str:
+    # Meta's reference encodes f"{prompt} [/INST] {answer.strip()} " + EOS: the trailing space
+    # is part of the format. The leading space comes from the tokenizer's "▁" prefix.
+    return f"{completion.strip()} "
+
+
+def encode_chat_prompts(
+    tokenizer: Tokenizer, prompts: list[str], systems: list[str | None]
+) -> list[list[int]]:
+    """BOS + user turn, for a batch of prompts: what the model sees before its answer."""
+    turns = [render_user_turn(p, s) for p, s in zip(prompts, systems, strict=True)]
+    encoded = tokenizer(turns, add_special_tokens=False)["input_ids"] if turns else []
+    return [[tokenizer.bos_token_id, *ids] for ids in encoded]
+
+
+def encode_chat_prompt(tokenizer: Tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    return encode_chat_prompts(tokenizer, [prompt], [system])[0]
+
+
+def encode_chat_examples(
+    tokenizer: Tokenizer, prompts: list[str], completions: list[str], systems: list[str | None]
+) -> list[TokenizedExample]:
+    """Prompt/completion pairs: loss on the completion and the EOS only."""
+    prompt_ids = encode_chat_prompts(tokenizer, prompts, systems)
+    answers = [render_completion(c) for c in completions]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
+    examples = []
+    for prompt_part, answer_part in zip(prompt_ids, answer_ids, strict=True):
+        target = [*answer_part, tokenizer.eos_token_id]
+        examples.append(
+            TokenizedExample(
+                input_ids=prompt_part + target,
+                labels=[IGNORE_INDEX] * len(prompt_part) + target,
+            )
+        )
+    return examples
+
+
+def encode_text_examples(tokenizer: Tokenizer, texts: list[str]) -> list[TokenizedExample]:
+    """Plain text rows, trained whole: BOS + text + EOS."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    examples = []
+    for ids in encoded:
+        input_ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        examples.append(TokenizedExample(input_ids, [IGNORE_INDEX, *input_ids[1:]]))
+    return examples
+
+
+def is_preformatted(prompt: str) -> bool:
+    """True for a prompt the user already wrapped in [INST] ... [/INST], as the seed page allows."""
+    return prompt.lstrip().startswith((B_INST, "<s>"))
+
+
+def encode_preformatted(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    text = prompt.strip().removeprefix("<s>").lstrip()
+    return [tokenizer.bos_token_id, *tokenizer([text], add_special_tokens=False)["input_ids"][0]]

@@ -1,0 +1,237 @@
+"""The training loop: exact global batches, token-normalised loss, validation and progress logs.
+
+The loss of an optimizer step is the sum of the token losses of all its micro-batches divided by
+the number of supervised tokens in the whole step, so the update does not depend on how the
+step is split into micro-batches. Logits are computed only at supervised positions, in chunks,
+so the 32,000-wide vocabulary projection is never materialised for prompt or padding tokens.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from src.batching import MicroBatch, Row, collate, epoch_order, optimizer_steps, steps_per_epoch
+from src.config import TrainConfig
+from src.log import Stopwatch, format_duration, log
+from src.prompt_format import IGNORE_INDEX, encode_chat_prompt, encode_preformatted, is_preformatted
+
+LOGITS_CHUNK = 4096  # supervised positions per slice of the vocabulary projection
+WARMUP_SHARE = 0.03
+MIN_LR_SHARE = 0.1
+MAX_GRAD_NORM = 1.0
+VALIDATION_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class TrainResult:
+    """What the loop measured, for the logs, the metadata and the loss curve."""
+
+    steps: int = 0
+    tokens_trained: int = 0  # real (non-padding) tokens seen, all epochs
+    targets_trained: int = 0  # supervised tokens, all epochs
+    train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    validation_answers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_rows: list[Row],
+    validation_rows: list[Row],
+    config: TrainConfig,
+    device: torch.device,
+) -> TrainResult:
+    """Train the LoRA parameters of `model` in place; return the measured history."""
+    total_steps = (
+        steps_per_epoch(len(train_rows), config.train_batch_size) * config.num_train_epochs
+    )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
+    progress = _Progress(total_steps)
+    result = TrainResult()
+    log(
+        f"training: {total_steps} optimizer steps over {config.num_train_epochs} epoch(s), "
+        f"{sum(p.numel() for p in parameters):,} trainable parameters"
+    )
+    for epoch in range(config.num_train_epochs):
+        order = epoch_order(len(train_rows), config.seed, epoch)
+        for step_batches in optimizer_steps(
+            train_rows, order, config.train_batch_size, config.micro_batch_size
+        ):
+            batches = [collate(rows) for rows in step_batches]
+            lr = scheduler.get_last_lr()[0]
+            loss = _optimizer_step(model, batches, parameters, optimizer, device)
+            scheduler.step()
+            result.steps += 1
+            result.tokens_trained += sum(b.num_real_tokens for b in batches)
+            result.targets_trained += sum(b.num_targets for b in batches)
+            result.train_losses.append((result.steps, loss))
+            progress.step(result, lr, epoch)
+        _end_of_epoch(model, tokenizer, validation_rows, config, device, result, epoch)
+        progress.resume()
+    result.seconds = progress.clock.elapsed()
+    return result
+
+
+def _optimizer_step(
+    model: PeftModel,
+    batches: list[MicroBatch],
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> float:
+    model.train()
+    loss = accumulate_gradients(model, batches, device)
+    torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def accumulate_gradients(
+    model: PeftModel, batches: list[MicroBatch], device: torch.device
+) -> float:
+    """Backward over the micro-batches of one step; return the step's mean token loss.
+
+    Each micro-batch's loss sum is divided by the supervised tokens of the whole step, so the
+    accumulated gradient is that of the mean over the step's tokens, however it is split.
+    """
+    step_targets = sum(b.num_targets for b in batches)
+    total = 0.0
+    for batch in batches:
+        if batch.num_targets == 0:
+            continue
+        loss = supervised_loss_sum(model, batch, device) / step_targets
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def supervised_loss_sum(model: PeftModel, batch: MicroBatch, device: torch.device) -> torch.Tensor:
+    """Sum of the cross-entropy over the supervised positions of a micro-batch."""
+    causal_lm = model.get_base_model()
+    hidden = causal_lm.model(
+        input_ids=batch.input_ids.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    ).last_hidden_state  # (B, L, H)
+    targets = batch.targets.to(device)
+    supervised = targets != IGNORE_INDEX
+    states, labels = hidden[supervised], targets[supervised]  # (T, H), (T,)
+    head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), LOGITS_CHUNK):
+        logits = head(states[start : start + LOGITS_CHUNK]).float()  # (chunk, vocab)
+        total = total + F.cross_entropy(
+            logits, labels[start : start + LOGITS_CHUNK], reduction="sum"
+        )
+    return total
+
+
+@torch.no_grad()
+def validation_loss(
+    model: PeftModel, rows: list[Row], batch_size: int, device: torch.device
+) -> float:
+    """Token-weighted mean loss over the validation rows, masked as in training."""
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        if batch.num_targets:
+            loss_sum += supervised_loss_sum(model, batch, device).item()
+            count += batch.num_targets
+    return loss_sum / max(count, 1)
+
+
+@torch.no_grad()
+def answer_prompt(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompt: str, device: torch.device
+) -> str:
+    """Greedy answer in the chat format (a prompt already in [INST] form is used as is)."""
+    model.eval()
+    if is_preformatted(prompt):
+        ids = encode_preformatted(tokenizer, prompt)
+    else:
+        ids = encode_chat_prompt(tokenizer, prompt)
+    output = model.generate(
+        input_ids=torch.tensor([ids], device=device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+        max_new_tokens=VALIDATION_MAX_NEW_TOKENS,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
+
+
+def _end_of_epoch(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    validation_rows: list[Row],
+    config: TrainConfig,
+    device: torch.device,
+    result: TrainResult,
+    epoch: int,
+) -> None:
+    if validation_rows:
+        loss = validation_loss(model, validation_rows, config.validation_batch_size, device)
+        result.validation_losses.append((result.steps, loss))
+        log(
+            f"validation: epoch {epoch + 1} | loss {loss:.4f} | "
+            f"perplexity {math.exp(min(loss, 50)):.2f}"
+        )
+    if config.validation_prompt:
+        answer = answer_prompt(model, tokenizer, config.validation_prompt, device)
+        result.validation_answers.append(answer)
+        log(f"validation prompt: {config.validation_prompt!r}\nmodel answer: {answer!r}")
+
+
+def _warmup_cosine(total_steps: int) -> Callable[[int], float]:
+    """Linear warmup over the first 3% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, round(WARMUP_SHARE * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (
+            1 + math.cos(math.pi * min(progress, 1.0))
+        )
+
+    return factor
+
+
+class _Progress:
+    """Step, loss, learning rate, real tokens per second and ETA, about 40 lines a run."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.every = max(1, total_steps // 40)
+        self.clock = Stopwatch()
+        self.last_time = 0.0
+        self.last_tokens = 0
+
+    def step(self, result: TrainResult, lr: float, epoch: int) -> None:
+        if result.steps % self.every and result.steps != self.total_steps and result.steps != 1:
+            return
+        now = self.clock.elapsed()
+        rate = (result.tokens_trained - self.last_tokens) / max(now - self.last_time, 1e-9)
+        eta = now / result.steps * (self.total_steps - result.steps)
+        loss = result.train_losses[-1][1]
+        log(
+            f"step {result.steps}/{self.total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
+            f"lr {lr:.2e} | {rate:,.0f} tokens/s | eta {format_duration(eta)}"
+        )
+        self.last_time, self.last_tokens = now, result.tokens_trained
+
+    def resume(self) -> None:
+        """Leave time spent outside training steps (validation) out of the next rate."""
+        self.last_time = self.clock.elapsed()

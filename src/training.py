@@ -1,0 +1,172 @@
+"""One training run, top to bottom: data -> base model -> LoRA -> train -> weights archive."""
+
+import gc
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+
+from src.artifact import ARCHIVE_NAME, base_model_fingerprint, plot_losses, write_archive
+from src.base_model import BaseModel, resolve_base_model
+from src.batching import PackingStats, Row, build_rows
+from src.config import TrainConfig
+from src.data import Example, check_lengths, read_jsonl, split_validation, tokenize_rows
+from src.errors import UserInputError
+from src.log import Stopwatch, log
+from src.modeling import add_lora, context_window, load_base_model, load_tokenizer, pick_placement
+from src.prompt_format import FORMAT_NAME, render_user_turn
+from src.trainer import TrainResult, train_adapter
+
+
+def run_training(config: TrainConfig) -> Path:
+    """Train a LoRA/QLoRA adapter as configured and return the path of the weights archive."""
+    clock = Stopwatch()
+    base = resolve_base_model()
+    log(f"base model: {base.source} ({base.path})")
+    tokenizer = load_tokenizer(base.path)
+    train_examples, validation_examples = prepare_examples(
+        config, tokenizer, context_window(base.path)
+    )
+    train_rows, stats = build_rows(
+        train_examples, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
+    )
+    log_packing(config, stats)
+    validation_rows = [Row((e.tokens,)) for e in validation_examples]
+
+    placement = pick_placement()
+    model = None
+    try:
+        torch.manual_seed(config.seed)
+        model = load_base_model(base.path, config.quantize_4bit, placement)
+        log(
+            f"loaded {model.num_parameters():,} base parameters on {placement.device} "
+            f"({'4-bit NF4' if config.quantize_4bit else placement.dtype})"
+        )
+        model = add_lora(
+            model,
+            config.lora_rank,
+            config.lora_alpha,
+            config.lora_dropout,
+            quantized=config.quantize_4bit,
+        )
+        result = train_adapter(
+            model, tokenizer, train_rows, validation_rows, config, placement.device
+        )
+        return save_weights(model, config, base, result, stats, clock.elapsed())
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def prepare_examples(
+    config: TrainConfig, tokenizer: Any, max_tokens: int
+) -> tuple[list[Example], list[Example]]:
+    """Read, check, split and tokenize both files; every data error is raised here."""
+    rows = read_jsonl(config.train_data, "train_data")
+    validation_file = None
+    if config.validation_data is not None:
+        if config.run_validation:
+            validation_file = read_jsonl(config.validation_data, "validation_data")
+        else:
+            log("validation_data is not used: run_validation is false")
+    if config.run_validation:
+        rows, validation = split_validation(rows, validation_file, config.num_validation_samples)
+    else:
+        validation = []
+    if config.pack_sequences and config.chunk_size > max_tokens:
+        raise UserInputError(
+            f"chunk_size {config.chunk_size} is larger than the model's context window of "
+            f"{max_tokens} tokens"
+        )
+    train_examples = tokenize_rows(rows, tokenizer)
+    validation_examples = tokenize_rows(validation, tokenizer)
+    if not config.pack_sequences:
+        check_lengths(train_examples, max_tokens, "the model's context window")
+    check_lengths(validation_examples, max_tokens, "the model's context window")
+    _log_counts("train", train_examples)
+    _log_counts("validation", validation_examples)
+    return train_examples, validation_examples
+
+
+def _log_counts(name: str, examples: list[Example]) -> None:
+    if not examples:
+        return
+    tokens = sum(len(e) for e in examples)
+    targets = sum(e.tokens.num_supervised for e in examples)
+    longest = max(len(e) for e in examples)
+    log(
+        f"{name}: {len(examples)} rows, {tokens:,} tokens ({targets:,} trained on), "
+        f"longest {longest}"
+    )
+
+
+def log_packing(config: TrainConfig, stats: PackingStats) -> None:
+    if not config.pack_sequences:
+        return
+    mode = "wrapped" if config.wrap_packed_sequences else "packed"
+    log(
+        f"packing: {mode} into {stats.rows} rows of up to {config.chunk_size} tokens, "
+        f"efficiency {stats.efficiency:.1%}, padding {1 - stats.efficiency:.1%}"
+    )
+    if stats.truncated_examples:
+        log(
+            f"packing: {stats.truncated_examples} example(s) longer than chunk_size truncated, "
+            f"{stats.truncated_tokens:,} tokens cut"
+        )
+
+
+def save_weights(
+    model: peft.PeftModel,
+    config: TrainConfig,
+    base: BaseModel,
+    result: TrainResult,
+    stats: PackingStats,
+    runtime: float,
+) -> Path:
+    out_dir = Path(tempfile.mkdtemp(prefix="llama2-training-"))
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    metadata = {
+        "inputs": config.as_json(),
+        "peft_method": config.peft_method,
+        "base_model": {"source": base.source, **base_model_fingerprint(base.path)},
+        "prompt_format": {
+            "name": FORMAT_NAME,
+            "user_turn": render_user_turn("{prompt}", "{system}"),
+        },
+        "results": {**_results(result, stats), "runtime_seconds": runtime},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    curve = plot_losses(result.train_losses, result.validation_losses, out_dir / "loss_curve.png")
+    archive = write_archive(adapter_dir, metadata, curve, out_dir / ARCHIVE_NAME)
+    log(f"weights: {archive.stat().st_size / 2**20:.1f} MiB archive, runtime {runtime:.1f} s")
+    return archive
+
+
+def _results(result: TrainResult, stats: PackingStats) -> dict[str, Any]:
+    return {
+        "optimizer_steps": result.steps,
+        "final_train_loss": result.train_losses[-1][1] if result.train_losses else None,
+        "final_validation_loss": result.validation_losses[-1][1]
+        if result.validation_losses
+        else None,
+        "train_losses": result.train_losses,
+        "validation_losses": result.validation_losses,
+        "validation_answers": result.validation_answers,
+        "train_rows": stats.rows,
+        "tokens_per_epoch": stats.real_tokens,
+        "tokens_trained": result.tokens_trained,
+        "supervised_tokens_trained": result.targets_trained,
+        "training_seconds": result.seconds,
+    }

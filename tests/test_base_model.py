@@ -1,0 +1,72 @@
+"""BASE_MODEL resolution: a local folder, an https tar archive (cached), a Hub repo id."""
+
+import io
+import tarfile
+
+import pytest
+
+from src.base_model import DEFAULT_BASE_MODEL, base_model_source, resolve_base_model
+from src.errors import UserInputError
+from tests.helpers import serve_directory
+
+
+def test_default_is_llama_2_7b_chat(monkeypatch):
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    assert base_model_source() == DEFAULT_BASE_MODEL == "meta-llama/Llama-2-7b-chat-hf"
+
+
+def test_local_folder_is_used_in_place(tiny_model_dir):
+    assert resolve_base_model(str(tiny_model_dir)).path == tiny_model_dir
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(UserInputError, match="BASE_MODEL: no such folder: /no/such/model"):
+        resolve_base_model("/no/such/model")
+    with pytest.raises(UserInputError, match=r"no config\.json"):
+        resolve_base_model(str(tmp_path))
+
+
+def test_archive_url_is_downloaded_once_into_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "tiny.tar", "w") as tar:
+        tar.add(tiny_model_dir, arcname="tiny-llama")
+    with serve_directory(served) as (url, requested):
+        first = resolve_base_model(f"{url}/tiny.tar")
+        second = resolve_base_model(f"{url}/tiny.tar")
+    assert requested == ["/tiny.tar"]
+    assert first == second and first.path.name == "tiny-llama"
+    assert (first.path / "config.json").read_bytes() == (
+        tiny_model_dir / "config.json"
+    ).read_bytes()
+
+
+def test_unsafe_archive_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "evil.tar", "w") as tar:
+        member = tarfile.TarInfo("../escaped.txt")
+        member.size = 3
+        tar.addfile(member, io.BytesIO(b"bad"))
+    with serve_directory(served) as (url, _), pytest.raises(UserInputError, match="unsafe path"):
+        resolve_base_model(f"{url}/evil.tar")
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_unreachable_url_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
+    with (
+        serve_directory(tmp_path) as (url, _),
+        pytest.raises(
+            UserInputError, match=r"BASE_MODEL: could not download .*/missing\.tar: HTTP Error 404"
+        ),
+    ):
+        resolve_base_model(f"{url}/missing.tar")
+
+
+def test_hub_repo_offline_without_cache_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserInputError, match="not in the cache and the Hub cannot be reached"):
+        resolve_base_model("meta-llama/Llama-2-7b-chat-hf")

@@ -1,0 +1,84 @@
+"""Rows, packing, data order and exact batch semantics."""
+
+import random
+
+import pytest
+
+from src.batching import build_rows, collate, epoch_order, optimizer_steps, steps_per_epoch
+from src.data import Example
+from src.prompt_format import IGNORE_INDEX, TokenizedExample
+
+
+def make_examples(lengths: list[int]) -> list[Example]:
+    examples = []
+    for n, length in enumerate(lengths):
+        ids = [1, *[(n * 7 + i) % 300 + 3 for i in range(length - 1)]]
+        examples.append(Example(f"line {n + 1}", TokenizedExample(ids, [IGNORE_INDEX, *ids[1:]])))
+    return examples
+
+
+def flat_tokens(rows) -> list[int]:
+    return sorted(t for row in rows for s in row.segments for t in s.input_ids)
+
+
+def test_unpacked_rows_are_the_examples():
+    examples = make_examples([5, 9, 3])
+    rows, stats = build_rows(examples, pack=False, wrap=False, chunk_size=4)
+    assert [len(r) for r in rows] == [5, 9, 3] and stats.efficiency == 1.0
+
+
+def test_best_fit_packing_drops_nothing_and_respects_chunk_size():
+    lengths = [random.Random(i).randint(2, 60) for i in range(200)]
+    examples = make_examples(lengths)
+    rows, stats = build_rows(examples, pack=True, wrap=False, chunk_size=64)
+    assert all(len(r) <= 64 for r in rows)
+    assert flat_tokens(rows) == sorted(t for e in examples for t in e.tokens.input_ids)
+    assert stats.real_tokens == sum(lengths) and stats.truncated_tokens == 0
+    assert stats.efficiency > 0.95  # best-fit decreasing on small items fills rows nearly full
+
+
+def test_packing_truncates_examples_longer_than_chunk_size():
+    rows, stats = build_rows(make_examples([10, 70]), pack=True, wrap=False, chunk_size=64)
+    assert (stats.truncated_examples, stats.truncated_tokens) == (1, 6)
+    assert sorted(len(r) for r in rows) == [10, 64]
+
+
+def test_wrap_cuts_rows_of_exactly_chunk_size():
+    examples = make_examples([30, 50, 25])
+    rows, _ = build_rows(examples, pack=True, wrap=True, chunk_size=32)
+    assert [len(r) for r in rows] == [32, 32, 32, 9]
+    stream = [t for e in examples for t in e.tokens.input_ids]
+    assert [t for r in rows for s in r.segments for t in s.input_ids] == stream
+
+
+def test_collate_isolates_segments_and_pads_as_a_segment():
+    examples = make_examples([3, 4])
+    rows, _ = build_rows(examples, pack=True, wrap=False, chunk_size=8)
+    batch = collate([*rows, build_rows(make_examples([2]), False, False, 8)[0][0]])
+    assert batch.input_ids.shape == (2, 7)
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 0, 1, 2]
+    assert batch.position_ids[1].tolist() == [0, 1, 0, 1, 2, 3, 4]
+    # The last token of each segment predicts nothing (no target across a boundary).
+    first = rows[0].segments[0].input_ids
+    assert batch.targets[0, : len(first)].tolist() == [*first[1:], IGNORE_INDEX]
+    assert batch.targets[1, 2:].tolist() == [IGNORE_INDEX] * 5
+    assert batch.num_targets == 2 + 3 + 1 and batch.num_real_tokens == 9
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    assert epoch_order(50, seed=42, epoch=0) == epoch_order(50, seed=42, epoch=0)
+    assert epoch_order(50, seed=42, epoch=0) != epoch_order(50, seed=42, epoch=1)
+    assert epoch_order(50, seed=42, epoch=0) != epoch_order(50, seed=7, epoch=0)
+    assert sorted(epoch_order(50, seed=42, epoch=3)) == list(range(50))
+
+
+@pytest.mark.parametrize(("batch", "micro"), [(4, 4), (4, 1), (8, 3), (5, 2)])
+def test_each_step_sees_exactly_the_global_batch(batch, micro):
+    rows, _ = build_rows(
+        make_examples([random.Random(i).randint(2, 20) for i in range(23)]), False, False, 64
+    )
+    steps = list(optimizer_steps(rows, epoch_order(23, 1, 0), batch, micro))
+    assert len(steps) == steps_per_epoch(23, batch)
+    assert [sum(len(m) for m in s) for s in steps[:-1]] == [batch] * (len(steps) - 1)
+    assert sum(len(m) for s in steps for m in s) == 23  # the last step takes the rest
+    assert all(len(m) <= micro for s in steps for m in s)

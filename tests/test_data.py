@@ -1,0 +1,107 @@
+"""Reading and checking JSONL data: every bad line named, the documented validation split."""
+
+import pytest
+
+from src.data import Row, check_lengths, read_jsonl, split_validation, tokenize_rows
+from src.errors import UserInputError
+from tests.helpers import write_jsonl
+
+
+def read(tmp_path, content: bytes | str) -> list[Row]:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return read_jsonl(path, "train_data")
+
+
+def test_mixed_formats_blank_lines_and_system(tmp_path):
+    rows = read(tmp_path, '{"text": "a"}\n\n{"prompt": "p", "completion": "c", "system": "s"}\n')
+    assert rows == [
+        Row("train_data line 1", text="a"),
+        Row("train_data line 3", prompt="p", completion="c", system="s"),
+    ]
+
+
+def test_unknown_fields_are_ignored_with_one_notice(tmp_path, capsys):
+    read(tmp_path, '{"text": "a", "id": 1}\n{"text": "b", "id": 2, "lang": "en"}\n')
+    out = capsys.readouterr().out
+    assert out.count("ignoring unknown field(s) id, lang") == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "a"}\n{"text": "b"\n', "train_data line 2: not valid JSON"),
+        ('{"prompt": "p"}\n', 'train_data line 1: missing "completion"'),
+        ('{"completion": "c"}\n', 'train_data line 1: missing "prompt"'),
+        ('{"foo": "bar"}\n', 'train_data line 1: missing "prompt"'),
+        ('["text"]\n', "train_data line 1: expected a JSON object, got list"),
+        ('{"text": 3}\n', 'train_data line 1: "text" must be a string, got int'),
+        ('{"text": "  "}\n', 'train_data line 1: "text" is empty'),
+        ('{"prompt": "p", "completion": ""}\n', 'train_data line 1: "completion" is empty'),
+        ('{"text": "t", "prompt": "p", "completion": "c"}\n', 'line 1: has both "text" and'),
+        (b'{"text": "a"}\n{"text": "\xff\xfe"}\n', "train_data line 2: not valid UTF-8"),
+        ("", "train_data (data.jsonl) is empty"),
+        ("\n  \n", "train_data (data.jsonl) is empty"),
+    ],
+)
+def test_bad_input_names_the_line(tmp_path, content, message):
+    with pytest.raises(UserInputError) as error:
+        read(tmp_path, content)
+    assert message in str(error.value)
+
+
+def test_every_bad_line_is_reported_together(tmp_path):
+    lines = ['{"text": "ok"}'] * 16 + ['{"prompt": "p"}', "not json", '{"text": "ok"}']
+    with pytest.raises(UserInputError) as error:
+        read(tmp_path, "\n".join(lines))
+    message = str(error.value)
+    assert "2 bad line(s)" in message
+    assert 'line 17: missing "completion"' in message and "line 18: not valid JSON" in message
+
+
+def rows(n: int) -> list[Row]:
+    return [Row(f"line {i + 1}", text=str(i)) for i in range(n)]
+
+
+def test_validation_is_the_tail_of_train_data():
+    train, validation = split_validation(rows(300), None, 50)
+    assert train == rows(250) and validation == rows(300)[250:]
+
+
+def test_validation_never_takes_more_than_a_fifth(capsys):
+    train, validation = split_validation(rows(20), None, 50)
+    assert (len(train), len(validation)) == (16, 4)
+    assert "4 instead of 50 are held out" in capsys.readouterr().out
+
+
+def test_tiny_file_trains_without_validation(capsys):
+    train, validation = split_validation(rows(3), None, 50)
+    assert (len(train), len(validation)) == (3, 0)
+    assert "validation loss is skipped" in capsys.readouterr().out
+
+
+def test_validation_data_head_is_used():
+    train, validation = split_validation(rows(10), rows(80), 50)
+    assert train == rows(10) and validation == rows(80)[:50]
+    assert split_validation(rows(10), rows(5), 50)[1] == rows(5)
+
+
+def test_tokenize_keeps_file_order_and_origin(tokenizer, tmp_path):
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "p", "completion": "c"}, {"text": "t"}, {"prompt": "q", "completion": "d"}],
+    )
+    examples = tokenize_rows(read_jsonl(path, "train_data"), tokenizer)
+    assert [e.where for e in examples] == [f"train_data line {i}" for i in (1, 2, 3)]
+    assert tokenizer.decode(examples[1].tokens.input_ids) == "<s> t</s>"
+
+
+def test_rows_longer_than_the_context_are_named(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "short"}, {"text": "word " * 100}])
+    examples = tokenize_rows(read_jsonl(path, "train_data"), tokenizer)
+    with pytest.raises(
+        UserInputError,
+        match=r"train_data line 2: 103 tokens, longer than the "
+        r"model's context window of 64 tokens",
+    ):
+        check_lengths(examples, 64, "the model's context window")

@@ -1,0 +1,1 @@
+"""Development tools for this Cog project (not shipped in the container's runtime path)."""
