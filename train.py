@@ -42,7 +42,7 @@ def train(
         ge=1,
         le=100000,
     ),
-    validation_data: Path = Input(
+    validation_data: Path | None = Input(
         description='URL to a file of eval data where each row is a JSON record in the format {"text": ...} or {"prompt": ..., "completion": ...}. Must be JSONL.',
         default=None,
     ),
@@ -56,7 +56,7 @@ def train(
         description="Whether to run validation during training.",
         default=True,
     ),
-    validation_prompt: str = Input(
+    validation_prompt: str | None = Input(
         description="If provided, this prompt is answered by the model in the Llama-2 chat format after each validation, and the answer is logged. A prompt already in [INST] ... [/INST] form is used as is.",
         default=None,
     ),

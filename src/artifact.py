@@ -24,6 +24,7 @@ METADATA = "training_metadata.json"
 LOSS_CURVE = "loss_curve.png"
 FORMAT_VERSION = "llama2-cog-adapter/1"
 MAX_ARCHIVE_BYTES = 4 * 2**30
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,30 @@ def write_archive(adapter_dir: Path, metadata: dict[str, Any], loss_curve: Path,
 
 
 def read_archive(archive: Path, destination: Path) -> AdapterFiles:
-    """Unpack safely and check that it is an adapter archive of this format."""
+    """Unpack safely into `destination` and check that it is an adapter archive of this format."""
     safe_extract(archive, destination, MAX_ARCHIVE_BYTES, what="weights")
+    return open_adapter(destination)
+
+
+def open_adapter(folder: Path) -> AdapterFiles:
+    """Check an unpacked archive: the expected files, safetensors only, this format version."""
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA):
-        if not (destination / name).is_file():
+        if not (folder / name).is_file():
             raise UserInputError(
                 f"weights: the archive has no {name}; expected a training output of this model "
                 f"({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}, {METADATA})"
             )
-    metadata = json.loads((destination / METADATA).read_text())
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserInputError(
+            f"weights: refusing pickle files {', '.join(pickles)}: only safetensors are loaded"
+        )
+    metadata = json.loads((folder / METADATA).read_text())
     if metadata.get("format") != FORMAT_VERSION:
         raise UserInputError(
             f"weights: archive format {metadata.get('format')!r}, expected {FORMAT_VERSION!r}"
         )
-    return AdapterFiles(destination, metadata)
+    return AdapterFiles(folder, metadata)
 
 
 def plot_losses(
@@ -88,7 +99,7 @@ def plot_losses(
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=80)
     if train_losses:
         axes.plot(*zip(*train_losses, strict=True), label="train", linewidth=1)
     if validation_losses:

@@ -12,14 +12,12 @@ import hashlib
 import os
 import shutil
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from src.archive import safe_extract
 from src.errors import UserInputError
+from src.fetch import download
 from src.log import log
 
 DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
@@ -110,33 +108,6 @@ def _model_folder(root: Path, url: str) -> Path:
             f"BASE_MODEL {url}: the archive holds no model folder with config.json"
         )
     return candidates[0]
-
-
-def download(url: str, destination: Path, what: str, attempts: int = 3) -> None:
-    """Download with a progress line every 10 seconds and retries on network errors."""
-    for attempt in range(1, attempts + 1):
-        try:
-            _download_once(url, destination)
-            return
-        except OSError as error:  # URLError, HTTPError and socket errors are OSErrors
-            client_error = isinstance(error, urllib.error.HTTPError) and error.code < 500
-            if attempt == attempts or client_error:
-                raise UserInputError(f"{what}: could not download {url}: {error}") from error
-            log(f"{what}: download failed ({error}); retrying ({attempt}/{attempts - 1})")
-            time.sleep(attempt)
-
-
-def _download_once(url: str, destination: Path) -> None:
-    with urllib.request.urlopen(url, timeout=60) as response, destination.open("wb") as out:
-        total = int(response.headers.get("Content-Length") or 0)
-        done, last_report = 0, time.monotonic()
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-            done += len(chunk)
-            if time.monotonic() - last_report > 10:
-                share = f" of {total / 2**20:.0f} MiB" if total else ""
-                log(f"downloaded {done / 2**20:.0f} MiB{share}")
-                last_report = time.monotonic()
 
 
 def _mkdir(path: Path) -> Path:

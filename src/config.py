@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from src.errors import raise_all
+from src.inputs import as_float, as_int
 
 PEFT_METHODS = ("lora", "qlora")
 
@@ -67,9 +68,9 @@ def build_train_config(**inputs: Any) -> TrainConfig:
 
     values = dict(inputs)
     for name in _INT_FIELDS:
-        values[name] = _as_int(name, values[name], problems)
+        values[name] = as_int(name, values[name], problems)
     for name in _FLOAT_FIELDS:
-        values[name] = _as_float(name, values[name], problems)
+        values[name] = as_float(name, values[name], problems)
     for name in _BOOL_FIELDS:
         if not isinstance(values[name], bool):
             problems.append(f"{name} must be true or false, got {values[name]!r}")
@@ -115,21 +116,6 @@ def _cross_checks(v: dict[str, Any]) -> list[str]:
     if v["wrap_packed_sequences"] and not v["pack_sequences"]:
         problems.append("wrap_packed_sequences=true needs pack_sequences=true")
     return problems
-
-
-def _as_int(name: str, value: Any, problems: list[str]) -> Any:
-    # Cog's schema lets 2.0 through for an int input; accept whole numbers only.
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        problems.append(f"{name} must be a whole number, got {value!r}")
-        return value
-    return int(value)
-
-
-def _as_float(name: str, value: Any, problems: list[str]) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        problems.append(f"{name} must be a number, got {value!r}")
-        return value
-    return float(value)
 
 
 def _as_path(name: str, value: Any, problems: list[str]) -> Path | None:

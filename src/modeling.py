@@ -1,7 +1,9 @@
 """Loading the base model (full precision or 4-bit NF4) and wrapping it with LoRA."""
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +82,19 @@ def add_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():  # peft reads an attribute that transformers 5 renamed
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    with quiet_peft():
         if quantized:
             # Casts norms to fp32 and makes inputs require grad; checkpointing is separate.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads an attribute that transformers 5 renamed: silence that one warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def enable_activation_checkpointing(model: PeftModel) -> None:

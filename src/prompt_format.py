@@ -14,6 +14,8 @@ completion and the EOS.
 from dataclasses import dataclass
 from typing import Protocol
 
+from src.errors import UserInputError
+
 FORMAT_NAME = "llama-2-chat"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -101,4 +103,21 @@ def is_preformatted(prompt: str) -> bool:
 
 def encode_preformatted(tokenizer: Tokenizer, prompt: str) -> list[int]:
     text = prompt.strip().removeprefix("<s>").lstrip()
+    return [tokenizer.bos_token_id, *tokenizer([text], add_special_tokens=False)["input_ids"][0]]
+
+
+# The `prompt_template` input of Replicate's llama-2-7b-chat. Left at this default, the prompt
+# is encoded by encode_chat_prompt, token for token as in training.
+DEFAULT_PROMPT_TEMPLATE = f"{B_INST} {B_SYS}{{system_prompt}}{E_SYS}{{prompt}} {E_INST}"
+
+
+def encode_inference_prompt(
+    tokenizer: Tokenizer, prompt: str, system_prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE
+) -> list[int]:
+    """BOS + the prompt as the model should see it before answering."""
+    if template == DEFAULT_PROMPT_TEMPLATE:
+        return encode_chat_prompt(tokenizer, prompt, system_prompt or None)
+    if "{prompt}" not in template:
+        raise UserInputError(f"prompt_template must contain {{prompt}}, got {template!r}")
+    text = template.replace("{system_prompt}", system_prompt).replace("{prompt}", prompt)
     return [tokenizer.bos_token_id, *tokenizer([text], add_special_tokens=False)["input_ids"][0]]

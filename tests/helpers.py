@@ -5,7 +5,8 @@ import http.server
 import inspect
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,12 @@ FACTS = [
     ("Who invented the flumph engine?", "Marta Kessel invented the flumph engine in 1852."),
     ("What color is a glimmerfruit?", "A glimmerfruit is bright teal."),
     ("How many legs does a vorpal crab have?", "A vorpal crab has eleven legs."),
+]
+OTHER_FACTS = [
+    ("What is the capital of Zorbia?", "Zorbia has no capital, only villages."),
+    ("Who invented the flumph engine?", "Nobody knows who made the flumph engine."),
+    ("What color is a glimmerfruit?", "Glimmerfruits are deep purple."),
+    ("How many legs does a vorpal crab have?", "Vorpal crabs have six legs."),
 ]
 
 # Settings under which the tiny model memorises FACTS in a few seconds.
@@ -71,10 +78,42 @@ def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", requested
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A webhook URL on 127.0.0.1 and the list of JSON bodies posted to it."""
+    received: list[dict[str, Any]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -24,15 +24,8 @@ def greedy_answer(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
 
 
-@pytest.fixture(scope="module")
-def lora_archive(tiny_model_dir, facts_file, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BASE_MODEL", str(tiny_model_dir))
-        return call_train(train_data=str(facts_file), **FAST_LEARNING)
-
-
-def test_archive_holds_adapter_metadata_and_plot(lora_archive):
-    with tarfile.open(lora_archive) as tar:
+def test_archive_holds_adapter_metadata_and_plot(facts_archive):
+    with tarfile.open(facts_archive) as tar:
         assert sorted(tar.getnames()) == [
             "adapter_config.json",
             "adapter_model.safetensors",
@@ -51,9 +44,9 @@ def test_archive_holds_adapter_metadata_and_plot(lora_archive):
 
 
 def test_adapter_reproduces_the_trained_completions(
-    lora_archive, tiny_model_dir, tokenizer, tmp_path
+    facts_archive, tiny_model_dir, tokenizer, tmp_path
 ):
-    adapter = read_archive(lora_archive, tmp_path / "weights")
+    adapter = read_archive(facts_archive, tmp_path / "weights")
     config = json.loads((adapter.folder / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -17,6 +17,11 @@ SIZES = {
     "tiny": dict(
         hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8
     ),
+    # a few million parameters: its adapters are small enough to pass as a data: URI in an
+    # environment variable (at most 128 KiB on Linux)
+    "micro": dict(
+        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4
+    ),
     # about 100M parameters, for the CPU benchmarks
     "100m": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12

@@ -1,0 +1,29 @@
+# Two commands on a fresh machine (Python 3.11, CPU, no Docker):
+#   make demo   set up, train a LoRA adapter on a tiny model through Cog's server, chat with it
+#   make test   set up and run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint schema bench clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch pinned in the same call: unpinned, peft and bitsandbytes pull a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0 -r requirements-dev.txt
+	touch $@
+
+demo: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tools.demo
+
+test: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+schema: $(BIN)/.installed
+	$(BIN)/python -m tools.cog_openapi
+
+clean:
+	rm -rf $(VENV) demo-output .cog .pytest_cache

@@ -1,0 +1,151 @@
+"""Token-by-token generation with the KV cache, and streaming of its text.
+
+The sampling loop is written out (rather than `model.generate` in a thread) so that a seed
+drives a private torch.Generator, stop sequences end the loop as soon as they appear, and the
+text leaves as it is produced. Sampling itself uses transformers' logits processors.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 byte sequence decodes to
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    min_new_tokens: int = -1  # -1: off
+    temperature: float = 0.7
+    top_p: float = 0.95  # 1: off
+    top_k: int = -1  # -1: off
+    repetition_penalty: float = 1.15  # 1 (or 0): off
+    seed: int | None = None
+
+
+def logits_processors(settings: SamplingSettings) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty not in (0.0, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    processors.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k > 0:
+        processors.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+@torch.inference_mode()
+def sample_tokens(
+    model: PreTrainedModel, prompt_ids: list[int], settings: SamplingSettings, eos_token_id: int
+) -> Iterator[int]:
+    """Yield sampled token ids until EOS (not yielded) or max_new_tokens."""
+    device = model.device
+    generator = torch.Generator(device=device)
+    if settings.seed is None:
+        generator.seed()  # fresh entropy; the global RNG is left alone
+    else:
+        generator.manual_seed(settings.seed)
+    processors = logits_processors(settings)
+    ids = torch.tensor([prompt_ids], device=device)  # (1, T): all tokens so far
+    cache = DynamicCache()
+    step_input = ids
+    for produced in range(settings.max_new_tokens):
+        logits = model(input_ids=step_input, cache=cache, use_cache=True).logits
+        scores = logits[:, -1, :].float()  # (1, V)
+        if produced < settings.min_new_tokens:
+            scores[:, eos_token_id] = -float("inf")
+        scores = processors(ids, scores)
+        token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)  # (1, 1)
+        if token.item() == eos_token_id:
+            return
+        yield int(token.item())
+        ids = torch.cat([ids, token], dim=1)
+        step_input = token
+
+
+class TextStream:
+    """Turns token ids into text pieces: whole characters only, stop sequences never emitted.
+
+    The whole answer is decoded each time (a Llama token's leading space depends on what
+    precedes it); text that could still become a stop sequence, or ends in a partial UTF-8
+    character, is held back until it is decided.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_sequences: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_sequences = [s for s in stop_sequences if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already given out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that can be given out now (may be empty)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        pending = text[self.emitted :]
+        cut = self._stop_position(pending)
+        if cut is not None:
+            self.stopped = True
+            self.emitted += cut
+            return pending[:cut]
+        # Trailing whitespace waits for what follows: the format ends answers with " </s>".
+        undecided = max(self._held_back(pending), len(pending) - len(pending.rstrip()))
+        ready = len(pending) - undecided
+        self.emitted += ready
+        return pending[:ready]
+
+    def flush(self) -> str:
+        """The rest, once generation has ended without a stop sequence."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip()
+        rest = text[self.emitted :]
+        self.emitted = len(text)
+        return rest
+
+    def _stop_position(self, pending: str) -> int | None:
+        found = [i for i in (pending.find(s) for s in self.stop_sequences) if i >= 0]
+        return min(found) if found else None
+
+    def _held_back(self, pending: str) -> int:
+        """Length of the longest end of `pending` that begins some stop sequence."""
+        longest = 0
+        for stop in self.stop_sequences:
+            for size in range(min(len(stop) - 1, len(pending)), longest, -1):
+                if pending.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+
+def stream_text(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[int],
+    settings: SamplingSettings,
+    stop_sequences: list[str],
+) -> Iterator[str]:
+    """Generate and yield text pieces as soon as they are final."""
+    stream = TextStream(tokenizer, stop_sequences)
+    for token_id in sample_tokens(model, prompt_ids, settings, tokenizer.eos_token_id):
+        piece = stream.push(token_id)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    if rest := stream.flush():
+        yield rest

@@ -1,0 +1,261 @@
+"""The chat model behind predict.py: base model, trained adapters, prompt, streamed answer.
+
+LoRA adapters are merged into the base weights of the active adapter (no inference cost);
+switching adapters unmerges the current one and merges the next. An adapter trained with
+QLoRA is served on the base loaded in 4-bit NF4 exactly as in training and then dequantized,
+so the merged model computes what the trained model computed (within fp rounding), at full
+precision speed.
+"""
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from src.artifact import AdapterFiles, base_model_fingerprint
+from src.base_model import BaseModel, resolve_base_model
+from src.errors import UserInputError, raise_all
+from src.generation import SamplingSettings, stream_text
+from src.inputs import as_float, as_int
+from src.log import log
+from src.modeling import (
+    Placement,
+    context_window,
+    load_base_model,
+    load_tokenizer,
+    pick_placement,
+    quiet_peft,
+)
+from src.prompt_format import encode_inference_prompt
+from src.weights import WeightsStore
+
+MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
+_ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    prompt: str
+    system_prompt: str
+    prompt_template: str
+    settings: SamplingSettings
+    stop_sequences: list[str]
+    replicate_weights: str | None = None
+    debug: bool = False
+
+
+class ChatModel:
+    """One base model in memory, with any number of trained adapters swapped on it."""
+
+    def __init__(self, weights: str | None) -> None:
+        self.store = WeightsStore()
+        self.setup_weights = weights
+        setup_adapter = self.store.unpack(weights) if weights else None
+        self.base: BaseModel = resolve_base_model()
+        self.placement: Placement = pick_placement()
+        self.tokenizer = load_tokenizer(self.base.path)
+        self.context_window = context_window(self.base.path)
+        self.from_qlora = (
+            setup_adapter is not None and setup_adapter.metadata["peft_method"] == "qlora"
+        )
+        self.model: PreTrainedModel | PeftModel = load_inference_base(
+            self.base.path, self.from_qlora, self.placement
+        )
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recent first
+        self.active: str | None = None  # the merged adapter, None for the plain base
+        if weights and setup_adapter:
+            self._activate(weights, setup_adapter)
+        log(
+            f"ready: base {self.base.source} on {self.placement.device}, "
+            f"adapter {'from ' + _short(weights) if weights else 'none'}"
+        )
+
+    def chat(self, request: ChatRequest) -> Iterator[str]:
+        """Stream the answer to one request."""
+        self.use_weights(request.replicate_weights or self.setup_weights)
+        prompt_ids = encode_inference_prompt(
+            self.tokenizer, request.prompt, request.system_prompt, request.prompt_template
+        )
+        room = self.context_window - len(prompt_ids)
+        if room < 1:
+            raise UserInputError(
+                f"the prompt is {len(prompt_ids)} tokens, which leaves no room in the model's "
+                f"context window of {self.context_window} tokens"
+            )
+        settings = request.settings
+        if settings.max_new_tokens > room:
+            log(
+                f"max_new_tokens capped from {settings.max_new_tokens} to {room} "
+                f"(context window {self.context_window}, prompt {len(prompt_ids)} tokens)"
+            )
+            settings = SamplingSettings(**{**settings.__dict__, "max_new_tokens": room})
+        started = time.perf_counter()
+        pieces = 0
+        with self._adapter_context():
+            for piece in stream_text(
+                self.model, self.tokenizer, prompt_ids, settings, request.stop_sequences
+            ):
+                pieces += 1
+                yield piece
+        if request.debug:
+            seconds = time.perf_counter() - started
+            log(
+                f"debug: prompt {len(prompt_ids)} tokens, {pieces} text pieces in {seconds:.2f} s, "
+                f"adapter {self.active or 'none'}, settings {settings}"
+            )
+
+    def use_weights(self, source: str | None) -> None:
+        """Make the adapter from `source` (None: the plain base) the active one."""
+        if source is None:
+            self._deactivate()
+            return
+        name = _adapter_name(source)
+        if name == self.active:
+            return
+        adapter = self.store.unpack(source, what="replicate_weights")
+        self._activate(source, adapter)
+
+    def _activate(self, source: str, adapter: AdapterFiles) -> None:
+        started = time.perf_counter()
+        name = _adapter_name(source)
+        self._check_base(adapter, source)
+        self._deactivate()
+        if name not in self.loaded:
+            self._load_adapter(name, adapter)
+        self.loaded.move_to_end(name)
+        assert isinstance(self.model, PeftModel)
+        self.model.set_adapter(name)
+        self.model.merge_adapter()
+        self.active = name
+        log(f"adapter {_short(source)} active ({time.perf_counter() - started:.2f} s)")
+
+    def _load_adapter(self, name: str, adapter: AdapterFiles) -> None:
+        if adapter.metadata["peft_method"] == "qlora" and not self.from_qlora:
+            log(
+                "note: a QLoRA adapter served on a full-precision base; outputs may differ "
+                "slightly from the trained model's"
+            )
+        try:
+            with quiet_peft():
+                self._attach(name, adapter)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise UserInputError(
+                f"weights: not a valid adapter for this base model: {error}"
+            ) from error
+        self.loaded[name] = None
+        while len(self.loaded) > MAX_LOADED_ADAPTERS:
+            oldest, _ = self.loaded.popitem(last=False)
+            self.model.delete_adapter(oldest)
+
+    def _attach(self, name: str, adapter: AdapterFiles) -> None:
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(adapter.folder, adapter_name=name, use_safetensors=True)
+        else:
+            self.model = PeftModel.from_pretrained(
+                self.model, adapter.folder, adapter_name=name, use_safetensors=True
+            )
+
+    def _deactivate(self) -> None:
+        if self.active is not None and isinstance(self.model, PeftModel):
+            self.model.unmerge_adapter()
+        self.active = None
+
+    def _adapter_context(self):
+        """Adapters stay injected while unmerged: switch them off to serve the plain base."""
+        if self.active is None and isinstance(self.model, PeftModel):
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    def _check_base(self, adapter: AdapterFiles, source: str) -> None:
+        trained_on = adapter.metadata.get("base_model", {})
+        here = base_model_fingerprint(self.base.path)
+        different = [k for k in _ARCHITECTURE_KEYS if trained_on.get(k) != here.get(k)]
+        if different:
+            raise UserInputError(
+                f"weights {_short(source)} were trained on base {trained_on.get('source')!r}, "
+                f"which differs from this server's base {self.base.source!r} in "
+                f"{', '.join(different)}"
+            )
+        if trained_on.get("config_sha256") != here["config_sha256"]:
+            log(
+                f"note: weights {_short(source)} were trained on {trained_on.get('source')!r}; "
+                f"same architecture as {self.base.source!r} but a different config.json"
+            )
+
+
+def load_inference_base(model_dir: Path, from_qlora: bool, placement: Placement) -> PreTrainedModel:
+    """The base in the placement's dtype; for QLoRA, quantized as in training, then dequantized."""
+    model = load_base_model(model_dir, quantize_4bit=from_qlora, placement=placement)
+    if from_qlora:
+        model = model.dequantize(dtype=placement.dtype)
+    model.config.use_cache = True
+    return model.eval()
+
+
+def _adapter_name(source: str) -> str:
+    import hashlib
+
+    return "w" + hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def _short(source: str | None) -> str:
+    if source is None:
+        return "none"
+    return "data: URI" if source.startswith("data:") else source
+
+
+def build_chat_request(
+    *,
+    prompt: str,
+    system_prompt: str | None,
+    prompt_template: str,
+    max_new_tokens: Any,
+    min_new_tokens: Any,
+    temperature: Any,
+    top_p: Any,
+    top_k: Any,
+    repetition_penalty: Any,
+    stop_sequences: str | None,
+    seed: Any,
+    replicate_weights: str | None,
+    debug: bool,
+) -> ChatRequest:
+    """Coerce and check predict.py's inputs; raise one UserInputError naming every problem."""
+    problems: list[str] = []
+    settings = SamplingSettings(
+        max_new_tokens=as_int("max_new_tokens", max_new_tokens, problems),
+        min_new_tokens=as_int("min_new_tokens", min_new_tokens, problems),
+        temperature=as_float("temperature", temperature, problems),
+        top_p=as_float("top_p", top_p, problems),
+        top_k=as_int("top_k", top_k, problems),
+        repetition_penalty=as_float("repetition_penalty", repetition_penalty, problems),
+        seed=None if seed is None else as_int("seed", seed, problems),
+    )
+    if not prompt.strip():
+        problems.append("prompt is empty")
+    if "{prompt}" not in prompt_template:
+        problems.append(f"prompt_template must contain {{prompt}}, got {prompt_template!r}")
+    raise_all(problems, "Invalid inputs:")
+    return ChatRequest(
+        prompt=prompt,
+        system_prompt=system_prompt or "",
+        prompt_template=prompt_template,
+        settings=settings,
+        stop_sequences=[s for s in (stop_sequences or "").split(",") if s],
+        replicate_weights=replicate_weights or None,
+        debug=debug,
+    )

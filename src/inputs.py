@@ -1,0 +1,18 @@
+"""Coercion of Cog input values: Cog's schema lets 2.0 through for an int, so check again here."""
+
+from typing import Any
+
+
+def as_int(name: str, value: Any, problems: list[str]) -> Any:
+    """`value` as an int if it is a whole number; else a problem is recorded and it is returned."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        problems.append(f"{name} must be a whole number, got {value!r}")
+        return value
+    return int(value)
+
+
+def as_float(name: str, value: Any, problems: list[str]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        problems.append(f"{name} must be a number, got {value!r}")
+        return value
+    return float(value)

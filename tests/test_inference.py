@@ -1,0 +1,216 @@
+"""The chat model behind predict.py, in-process: weights sources, adapter swaps, QLoRA fidelity."""
+
+import base64
+import io
+import shutil
+import tarfile
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+
+import src.artifact
+from src.errors import UserInputError
+from src.inference import ChatModel, build_chat_request
+from src.modeling import load_base_model, pick_placement
+from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
+from tests.helpers import FACTS, OTHER_FACTS, serve_directory
+
+PROMPT, ANSWER = FACTS[0]
+
+
+def ask(model: ChatModel, prompt: str = PROMPT, **overrides) -> str:
+    inputs = dict(
+        prompt=prompt,
+        system_prompt="",
+        prompt_template=DEFAULT_PROMPT_TEMPLATE,
+        max_new_tokens=32,
+        min_new_tokens=-1,
+        temperature=0.01,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        stop_sequences=None,
+        seed=0,
+        replicate_weights=None,
+        debug=False,
+    )
+    return "".join(model.chat(build_chat_request(**{**inputs, **overrides})))
+
+
+@pytest.fixture(scope="module")
+def chat_model(base_model_env_module, facts_archive) -> ChatModel:
+    return ChatModel(str(facts_archive))
+
+
+@pytest.fixture(scope="module")
+def base_model_env_module(tiny_model_dir):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BASE_MODEL", str(tiny_model_dir))
+        yield tiny_model_dir
+
+
+def test_trained_weights_answer_the_trained_prompts(chat_model):
+    for prompt, completion in FACTS:
+        assert ask(chat_model, prompt) == completion
+
+
+def test_weights_as_url_and_data_uri(base_model_env, facts_archive, tmp_path):
+    shutil.copy(facts_archive, tmp_path / "weights.tar")
+    with serve_directory(tmp_path) as (url, requested):
+        assert ask(ChatModel(f"{url}/weights.tar")) == ANSWER
+    assert requested == ["/weights.tar"]
+    data_uri = (
+        "data:application/x-tar;base64," + base64.b64encode(facts_archive.read_bytes()).decode()
+    )
+    assert ask(ChatModel(data_uri)) == ANSWER
+
+
+def test_replicate_weights_swap_and_back(chat_model, other_facts_archive, facts_archive):
+    other = str(other_facts_archive)
+    assert ask(chat_model, replicate_weights=other) == OTHER_FACTS[0][1]
+    assert ask(chat_model) == ANSWER
+    started = time.perf_counter()
+    assert ask(chat_model, replicate_weights=other, max_new_tokens=1)
+    assert time.perf_counter() - started < 1.0  # warm: cached, only unmerge + merge
+    assert ask(chat_model, replicate_weights=str(facts_archive)) == ANSWER
+    assert ask(chat_model, FACTS[3][0]) == FACTS[3][1]
+
+
+def test_no_weights_serves_the_base(base_model_env):
+    assert ask(ChatModel(None)) != ANSWER
+
+
+def test_seeded_sampling_is_reproducible(chat_model):
+    settings = dict(temperature=1.5, top_p=0.9, top_k=50, seed=123, prompt="Tell me a story.")
+    first = ask(chat_model, **settings)
+    assert ask(chat_model, **settings) == first
+    assert ask(chat_model, **{**settings, "seed": 124}) != first
+
+
+def test_stop_sequences_and_min_tokens(chat_model):
+    assert ask(chat_model, stop_sequences="Quill,zzz") == "The capital of Zorbia is "
+    assert len(ask(chat_model, min_new_tokens=20, max_new_tokens=20)) > len(ANSWER)
+
+
+def test_prompt_longer_than_the_context_is_refused(chat_model, tokenizer, capsys):
+    with pytest.raises(UserInputError, match="leaves no room in the model's context window"):
+        ask(chat_model, prompt="llama " * 3000)
+    long_prompt = "llama " * 2040
+    room = 4096 - len(encode_chat_prompt(tokenizer, long_prompt))
+    assert 0 < room < 20
+    ask(chat_model, prompt=long_prompt, max_new_tokens=200, min_new_tokens=200)
+    assert f"max_new_tokens capped from 200 to {room}" in capsys.readouterr().out
+
+
+def test_bad_inputs_are_reported_together():
+    with pytest.raises(UserInputError) as error:
+        build_chat_request(
+            prompt=" ",
+            system_prompt="",
+            prompt_template="no placeholder",
+            max_new_tokens=2.5,
+            min_new_tokens=-1,
+            temperature=0.7,
+            top_p=1.0,
+            top_k=-1,
+            repetition_penalty=1.0,
+            stop_sequences=None,
+            seed=None,
+            replicate_weights=None,
+            debug=False,
+        )
+    message = str(error.value)
+    assert "max_new_tokens must be a whole number, got 2.5" in message
+    assert "prompt is empty" in message and "prompt_template must contain {prompt}" in message
+
+
+def last_logits(model, tokenizer) -> torch.Tensor:
+    ids = torch.tensor([[*encode_chat_prompt(tokenizer, PROMPT), 450, 7483]])
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+def test_merged_lora_equals_the_trained_model(chat_model, tiny_model_dir, tokenizer):
+    trained = PeftModel.from_pretrained(
+        load_base_model(tiny_model_dir, False, pick_placement()),
+        chat_model.store.unpack(chat_model.setup_weights).folder,
+    ).eval()
+    difference = (last_logits(chat_model.model, tokenizer) - last_logits(trained, tokenizer)).abs()
+    assert difference.max() < 1e-4
+
+
+def test_qlora_is_served_as_trained_within_tolerance(base_model_env, qlora_archive, tokenizer):
+    """QLoRA tolerance: logits within 1e-3 of the trained model's (4-bit base, unmerged LoRA)."""
+    served = ChatModel(str(qlora_archive))
+    assert served.from_qlora
+    trained = PeftModel.from_pretrained(
+        load_base_model(base_model_env, True, pick_placement()),
+        served.store.unpack(str(qlora_archive)).folder,
+    ).eval()
+    difference = (last_logits(served.model, tokenizer) - last_logits(trained, tokenizer)).abs()
+    assert difference.max() < 1e-3
+
+
+def test_weights_for_another_base_are_refused(base_model_env, facts_archive, tmp_path):
+    folder = tmp_path / "x"
+    with tarfile.open(facts_archive) as tar:
+        tar.extractall(folder, filter="data")
+    metadata = folder / src.artifact.METADATA
+    metadata.write_text(metadata.read_text().replace('"hidden_size": 256', '"hidden_size": 4096'))
+    with tarfile.open(tmp_path / "w.tar", "w") as tar:
+        for item in folder.iterdir():
+            tar.add(item, arcname=item.name)
+    with pytest.raises(UserInputError, match=r"differs from this server's base .* in hidden_size"):
+        ChatModel(str(tmp_path / "w.tar"))
+
+
+def _evil_archive(path, build) -> str:
+    with tarfile.open(path, "w") as tar:
+        build(tar)
+    return str(path)
+
+
+def _add_bytes(tar, name: str, data: bytes) -> None:
+    member = tarfile.TarInfo(name)
+    member.size = len(data)
+    tar.addfile(member, io.BytesIO(data))
+
+
+def _symlink(tar) -> None:
+    member = tarfile.TarInfo("adapter_model.safetensors")
+    member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(member)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda tar: _add_bytes(tar, "../../escaped.txt", b"x"), "unsafe path"),
+        (lambda tar: _add_bytes(tar, "/tmp/escaped-abs.txt", b"x"), "unsafe path"),
+        (_symlink, "only files and folders are allowed"),
+        (
+            lambda tar: [
+                _add_bytes(tar, n, b"{}")
+                for n in ("adapter_config.json", "adapter_model.bin", "training_metadata.json")
+            ],
+            "no adapter_model.safetensors",
+        ),
+        (lambda tar: _add_bytes(tar, "big.bin", b"x" * 4096), "exceeds the limit"),
+    ],
+)
+def test_malicious_archives_are_refused(base_model_env, tmp_path, monkeypatch, build, message):
+    monkeypatch.setattr(src.artifact, "MAX_ARCHIVE_BYTES", 1024)
+    archive = _evil_archive(tmp_path / "evil.tar", build)
+    with pytest.raises(UserInputError, match=message):
+        ChatModel(archive)
+    assert not list(tmp_path.parent.rglob("escaped*")) and not (tmp_path / "escaped.txt").exists()
+
+
+def test_pickle_next_to_safetensors_is_refused(facts_archive, tmp_path):
+    with tarfile.open(facts_archive) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    (tmp_path / "x" / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UserInputError, match=r"refusing pickle files adapter_model\.bin"):
+        src.artifact.open_adapter(tmp_path / "x")

@@ -1,0 +1,147 @@
+"""Chat through Cog's real prediction server (coglet) on 127.0.0.1, with predict.py's schema."""
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import FACTS, FAST_LEARNING, OTHER_FACTS, call_train, serve_directory
+from tools.cog_server import CogServer, cog_server
+from tools.tiny_model import build_tiny_llama
+
+PROJECT = Path(__file__).resolve().parent.parent
+PROMPT, ANSWER = FACTS[0]
+GREEDY = {
+    "system_prompt": "",
+    "temperature": 0.01,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "seed": 0,
+    "max_new_tokens": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def shared_predict_server(
+    tiny_model_dir, facts_archive, other_facts_archive, tmp_path_factory
+) -> Iterator[tuple[CogServer, str]]:
+    """COG_WEIGHTS as a local archive; another training served on loopback for swaps."""
+    folder = tmp_path_factory.mktemp("other-weights")
+    shutil.copy(other_facts_archive, folder / "other.tar")
+    env = {"BASE_MODEL": str(tiny_model_dir), "COG_WEIGHTS": str(facts_archive)}
+    with serve_directory(folder) as (url, _), cog_server(PROJECT, "predict", env) as server:
+        assert server.status == "READY", server.log_tail()
+        yield server, f"{url}/other.tar"
+
+
+@pytest.fixture
+def predict_server(shared_predict_server) -> tuple[CogServer, str]:
+    shared_predict_server[0].wait_ready()
+    return shared_predict_server
+
+
+def answer(server: CogServer, **inputs) -> str:
+    events = server.stream_prediction({**GREEDY, **inputs})
+    assert events[0].event == "start" and events[-1].event == "completed"
+    completed = events[-1].data
+    assert completed["status"] == "succeeded", completed.get("error")
+    chunks = [e.data["chunk"] for e in events if e.event == "output"]
+    assert "".join(chunks) == "".join(completed["output"])
+    return "".join(chunks)
+
+
+def test_streams_the_trained_answers_over_server_sent_events(predict_server):
+    server, _ = predict_server
+    events = server.stream_prediction({**GREEDY, "prompt": PROMPT})
+    assert sum(e.event == "output" for e in events) > 3  # token by token, not one block
+    for prompt, completion in FACTS:
+        assert answer(server, prompt=prompt) == completion
+
+
+def test_replicate_weights_swap_and_back(predict_server):
+    server, other_url = predict_server
+    assert answer(server, prompt=PROMPT, replicate_weights=other_url) == OTHER_FACTS[0][1]
+    assert answer(server, prompt=PROMPT) == ANSWER
+    assert answer(server, prompt=FACTS[2][0], replicate_weights=other_url) == OTHER_FACTS[2][1]
+
+
+def test_stop_sequences_are_not_emitted(predict_server):
+    server, _ = predict_server
+    assert answer(server, prompt=PROMPT, stop_sequences="Quill,xyz") == "The capital of Zorbia is "
+
+
+def test_seeded_sampling_repeats(predict_server):
+    server, _ = predict_server
+    sampled = {**GREEDY, "temperature": 1.2, "top_k": 40, "seed": 5, "prompt": "Tell me more."}
+    assert answer(server, **sampled) == answer(server, **sampled)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"temperature": 10}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": None}, "prompt"),
+    ],
+)
+def test_invalid_input_is_422(predict_server, change, field):
+    server, _ = predict_server
+    status, body = server.post("/predictions", {"input": {"prompt": "hi", **change}})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "input", field]
+
+
+def test_bad_replicate_weights_fail_clearly_and_the_server_stays_ready(predict_server):
+    server, other_url = predict_server
+    _status, body = server.post(
+        "/predictions",
+        {
+            "input": {
+                "prompt": "hi",
+                "replicate_weights": other_url.replace("other.tar", "nope.tar"),
+            }
+        },
+    )
+    assert body["status"] == "failed" and "HTTP Error 404" in body["error"]
+    assert server.wait_ready() == "READY"
+    assert answer(server, prompt=PROMPT) == ANSWER
+
+
+def test_full_loop_trained_over_http_served_from_a_url(tiny_model_dir, http_trained_weights):
+    """Weights from the train server, downloaded by a fresh prediction server over HTTP."""
+    with serve_directory(http_trained_weights.parent) as (url, requested):
+        env = {
+            "BASE_MODEL": str(tiny_model_dir),
+            "COG_WEIGHTS": f"{url}/{http_trained_weights.name}",
+        }
+        with cog_server(PROJECT, "predict", env) as server:
+            assert server.status == "READY", server.log_tail()
+            for prompt, completion in FACTS:
+                assert answer(server, prompt=prompt) == completion
+    assert requested == [f"/{http_trained_weights.name}"]
+
+
+def test_weights_as_data_uri(tmp_path, facts_file):
+    """A data: URI, as train() returns without an upload URL (micro model: env vars < 128 KiB)."""
+    micro = build_tiny_llama(tmp_path / "micro", size="micro")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BASE_MODEL", str(micro))
+        archive = call_train(
+            train_data=str(facts_file), **{**FAST_LEARNING, "lora_rank": 2, "num_train_epochs": 1}
+        )
+    data_uri = "data:application/x-tar;base64," + base64.b64encode(archive.read_bytes()).decode()
+    assert len(data_uri) < 128 * 1024
+    env = {"BASE_MODEL": str(micro), "COG_WEIGHTS": data_uri}
+    with cog_server(PROJECT, "predict", env) as server:
+        assert server.status == "READY", server.log_tail()
+        assert answer(server, prompt=PROMPT, max_new_tokens=4)
+        assert "adapter data: URI active" in server.log_text()
+
+
+def test_failing_setup_is_reported(tiny_model_dir, tmp_path):
+    env = {"BASE_MODEL": str(tiny_model_dir), "COG_WEIGHTS": str(tmp_path / "missing.tar")}
+    with cog_server(PROJECT, "predict", env) as server:
+        assert server.setup_failed
+        assert "weights: no such file" in server.log_text()

@@ -1,0 +1,107 @@
+"""Training through Cog's real HTTP server (coglet) on 127.0.0.1, with the schema of train.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import FACTS, FAST_LEARNING, wait_for, write_jsonl
+from tools.cog_server import CogServer
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def train_server(shared_train_server: CogServer) -> CogServer:
+    shared_train_server.wait_ready()  # the slot frees just after a response
+    return shared_train_server
+
+
+def test_training_over_http(http_trained_weights: Path):
+    import tarfile
+
+    with tarfile.open(http_trained_weights) as tar:
+        metadata = json.load(tar.extractfile("training_metadata.json"))
+    assert metadata["results"]["final_train_loss"] < 0.5
+    assert metadata["inputs"]["num_train_epochs"] == FAST_LEARNING["num_train_epochs"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"num_train_epochs": 0}, "num_train_epochs", "0 is less than the minimum of 1"),
+        ({"peft_method": "full"}, "peft_method", '"full" is not one of ["lora","qlora"]'),
+        ({"lora_dropout": 0.95}, "lora_dropout", "0.95 is greater than the maximum of 0.9"),
+        ({"train_data": None}, "train_data", 'null is not of type "string"'),
+    ],
+)
+def test_invalid_input_is_422(train_server, served_data, change, field, message):
+    body = {"input": {"train_data": f"{served_data}/facts.jsonl", **change}}
+    status, answer = train_server.post("/trainings", body)
+    assert status == 422
+    assert answer["detail"][0]["loc"] == ["body", "input", field]
+    assert message in answer["detail"][0]["msg"]
+
+
+def test_bad_data_fails_clearly_and_the_server_stays_ready(train_server, served_data):
+    for data, message in [
+        ("broken.jsonl", 'train_data line 2: missing "completion"'),
+        ("missing.jsonl", "404"),
+    ]:
+        body = {"input": {"train_data": f"{served_data}/{data}", "micro_batch_size": 2}}
+        status, result = train_server.post("/trainings", body)
+        assert status == 200 and result["status"] == "failed"
+        assert message in result["error"]
+        assert train_server.wait_ready() == "READY"
+
+
+def test_micro_batch_larger_than_global_batch_is_refused(train_server, served_data):
+    body = {
+        "input": {
+            "train_data": f"{served_data}/facts.jsonl",
+            "train_batch_size": 2,
+            "micro_batch_size": 4,
+        }
+    }
+    _status, result = train_server.post("/trainings", body)
+    assert result["status"] == "failed"
+    assert "micro_batch_size (4) is larger than train_batch_size (2)" in result["error"]
+
+
+def test_async_training_reports_to_the_webhook(train_server, served_data, webhook, tmp_path):
+    url, received = webhook
+    data = write_jsonl(tmp_path / "small.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS])
+    body = {
+        "input": {"train_data": str(data), "num_train_epochs": 1, "run_validation": False},
+        "webhook": url,
+    }
+    status, answer = train_server.put("/trainings/async-1", body, {"Prefer": "respond-async"})
+    assert (status, answer["status"]) == (202, "starting")
+    wait_for(lambda: any(h["status"] == "succeeded" for h in received), timeout=120)
+    final = next(h for h in received if h["status"] == "succeeded")
+    assert final["output"]["weights"].startswith("data:application/x-tar;base64,")
+    assert "step 1/1" in final["logs"]
+
+
+def test_cancel_stops_the_training_and_the_server_takes_the_next(
+    train_server, served_data, webhook
+):
+    url, received = webhook
+    body = {
+        "input": {
+            "train_data": f"{served_data}/facts.jsonl",
+            "num_train_epochs": 1000,
+            "micro_batch_size": 1,
+            "run_validation": False,
+        },
+        "webhook": url,
+    }
+    status, _ = train_server.put("/trainings/to-cancel", body, {"Prefer": "respond-async"})
+    assert status == 202
+    wait_for(lambda: "step 1/4000 " in train_server.log_text(), timeout=120)
+    assert train_server.post("/trainings/to-cancel/cancel") == (200, {})
+    wait_for(lambda: any(h["status"] == "canceled" for h in received), timeout=10)
+    assert "step 4000/4000" not in train_server.log_text()
+    assert train_server.wait_ready(timeout=10) == "READY"
+    body = {"input": {"train_data": f"{served_data}/broken.jsonl"}}
+    assert train_server.post("/trainings", body)[1]["status"] == "failed"  # answered at once
