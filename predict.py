@@ -5,6 +5,7 @@ The inputs are those of Replicate's meta/llama-2-7b-chat versions. All logic is 
 
 from cog import BaseRunner, ConcatenateIterator, Input, streaming
 
+from src.generation import GenerationStats
 from src.inference import ChatModel, build_chat_request
 
 
@@ -76,4 +77,9 @@ class Predictor(BaseRunner):
         ),
     ) -> ConcatenateIterator[str]:
         inputs = {name: value for name, value in locals().items() if name != "self"}
-        yield from self.chat_model.chat(build_chat_request(**inputs))
+        stats = GenerationStats()
+        yield from self.chat_model.chat(build_chat_request(**inputs), stats)
+        self.record_metric("input_token_count", stats.input_tokens)
+        self.record_metric("output_token_count", stats.output_tokens)
+        self.record_metric("time_to_first_token", stats.time_to_first_token)
+        self.record_metric("tokens_per_second", stats.tokens_per_second)

@@ -23,8 +23,21 @@ PAD_TOKEN_ID = 0  # <unk>; never a target, never attended to by real tokens
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Tokens that attend to each other: an example, or a fragment of one in wrap mode."""
+
+    input_ids: list[int]
+    labels: list[int]
+    next_label: int = IGNORE_INDEX  # the label of the token after a fragment, in the next row
+
+    @classmethod
+    def of(cls, example: TokenizedExample) -> "Segment":
+        return cls(example.input_ids, example.labels)
+
+
+@dataclass(frozen=True)
 class Row:
-    segments: tuple[TokenizedExample, ...]
+    segments: tuple[Segment, ...]
 
     def __len__(self) -> int:
         return sum(len(s.input_ids) for s in self.segments)
@@ -56,7 +69,7 @@ def build_rows(
     examples: list[Example], pack: bool, wrap: bool, chunk_size: int
 ) -> tuple[list[Row], PackingStats]:
     """Rows for training: one per example, packed best-fit-decreasing, or wrapped."""
-    segments = [e.tokens for e in examples]
+    segments = [Segment.of(e.tokens) for e in examples]
     real = sum(len(s.input_ids) for s in segments)
     if not pack:
         return [Row((s,)) for s in segments], PackingStats(len(segments), real, real, 0, 0)
@@ -71,15 +84,15 @@ def build_rows(
     return rows, stats
 
 
-def _truncate(segment: TokenizedExample, limit: int) -> TokenizedExample:
+def _truncate(segment: Segment, limit: int) -> Segment:
     if len(segment.input_ids) <= limit:
         return segment
-    return TokenizedExample(segment.input_ids[:limit], segment.labels[:limit])
+    return Segment(segment.input_ids[:limit], segment.labels[:limit])
 
 
-def _best_fit_decreasing(segments: list[TokenizedExample], capacity: int) -> list[Row]:
+def _best_fit_decreasing(segments: list[Segment], capacity: int) -> list[Row]:
     """Longest first, each into the fullest row that still has room: nothing is dropped."""
-    bins: list[list[TokenizedExample]] = []
+    bins: list[list[Segment]] = []
     free: list[tuple[int, int]] = []  # sorted (room left, bin index)
     for segment in sorted(segments, key=lambda s: len(s.input_ids), reverse=True):
         size = len(segment.input_ids)
@@ -94,16 +107,21 @@ def _best_fit_decreasing(segments: list[TokenizedExample], capacity: int) -> lis
     return [Row(tuple(b)) for b in bins]
 
 
-def _wrap(segments: list[TokenizedExample], chunk_size: int) -> list[Row]:
-    """Cut the stream of all examples into rows of exactly chunk_size tokens (the last padded)."""
+def _wrap(segments: list[Segment], chunk_size: int) -> list[Row]:
+    """Cut the stream of all examples into rows of exactly chunk_size tokens (the last padded).
+
+    A fragment that continues in the next row carries the label of the token that follows
+    it, so its last position is still trained: every label of every example is trained once.
+    """
     rows: list[Row] = []
-    current: list[TokenizedExample] = []
+    current: list[Segment] = []
     room = chunk_size
     for segment in segments:
         ids, labels = segment.input_ids, segment.labels
         while ids:
             take = min(room, len(ids))
-            current.append(TokenizedExample(ids[:take], labels[:take]))
+            next_label = labels[take] if take < len(ids) else IGNORE_INDEX
+            current.append(Segment(ids[:take], labels[:take], next_label))
             ids, labels, room = ids[take:], labels[take:], room - take
             if room == 0:
                 rows.append(Row(tuple(current)))
@@ -147,8 +165,9 @@ def collate(rows: list[Row]) -> MicroBatch:
         for segment in row.segments:
             ids += segment.input_ids
             pos += range(len(segment.input_ids))
-            # Position i predicts token i + 1 of the same segment; the last predicts nothing.
-            tgt += [*segment.labels[1:], IGNORE_INDEX]
+            # Position i predicts token i + 1 of the same example; the last position of a
+            # segment predicts only the continuation of a wrapped fragment.
+            tgt += [*segment.labels[1:], segment.next_label]
         pad = width - len(ids)
         input_ids.append(ids + [PAD_TOKEN_ID] * pad)
         positions.append(pos + list(range(pad)))

@@ -5,6 +5,7 @@ drives a private torch.Generator, stop sequences end the loop as soon as they ap
 text leaves as it is produced. Sampling itself uses transformers' logits processors.
 """
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -132,16 +133,39 @@ class TextStream:
         return longest
 
 
+@dataclass
+class GenerationStats:
+    """Token counts and timings of one answer, filled in while it streams."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds
+    total_time: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode_time = self.total_time - self.time_to_first_token
+        return (self.output_tokens - 1) / decode_time if self.output_tokens > 1 else 0.0
+
+
 def stream_text(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[int],
     settings: SamplingSettings,
     stop_sequences: list[str],
+    stats: GenerationStats | None = None,
 ) -> Iterator[str]:
     """Generate and yield text pieces as soon as they are final."""
+    stats = stats or GenerationStats()
+    stats.input_tokens = len(prompt_ids)
+    started = time.perf_counter()
     stream = TextStream(tokenizer, stop_sequences)
     for token_id in sample_tokens(model, prompt_ids, settings, tokenizer.eos_token_id):
+        stats.output_tokens += 1
+        stats.total_time = time.perf_counter() - started
+        if stats.output_tokens == 1:
+            stats.time_to_first_token = stats.total_time
         piece = stream.push(token_id)
         if piece:
             yield piece

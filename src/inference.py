@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from src.artifact import AdapterFiles, base_model_fingerprint
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
-from src.generation import SamplingSettings, stream_text
+from src.generation import GenerationStats, SamplingSettings, stream_text
 from src.inputs import as_float, as_int
 from src.log import log
 from src.modeling import (
@@ -84,8 +84,9 @@ class ChatModel:
             f"adapter {'from ' + _short(weights) if weights else 'none'}"
         )
 
-    def chat(self, request: ChatRequest) -> Iterator[str]:
-        """Stream the answer to one request."""
+    def chat(self, request: ChatRequest, stats: GenerationStats | None = None) -> Iterator[str]:
+        """Stream the answer to one request; `stats` is filled in as it goes."""
+        stats = stats or GenerationStats()
         self.use_weights(request.replicate_weights or self.setup_weights)
         prompt_ids = encode_inference_prompt(
             self.tokenizer, request.prompt, request.system_prompt, request.prompt_template
@@ -103,19 +104,16 @@ class ChatModel:
                 f"(context window {self.context_window}, prompt {len(prompt_ids)} tokens)"
             )
             settings = SamplingSettings(**{**settings.__dict__, "max_new_tokens": room})
-        started = time.perf_counter()
-        pieces = 0
         with self._adapter_context():
-            for piece in stream_text(
-                self.model, self.tokenizer, prompt_ids, settings, request.stop_sequences
-            ):
-                pieces += 1
-                yield piece
+            yield from stream_text(
+                self.model, self.tokenizer, prompt_ids, settings, request.stop_sequences, stats
+            )
         if request.debug:
-            seconds = time.perf_counter() - started
             log(
-                f"debug: prompt {len(prompt_ids)} tokens, {pieces} text pieces in {seconds:.2f} s, "
-                f"adapter {self.active or 'none'}, settings {settings}"
+                f"debug: {stats.input_tokens} prompt tokens, {stats.output_tokens} new tokens, "
+                f"first token after {stats.time_to_first_token:.3f} s, "
+                f"{stats.tokens_per_second:.1f} tokens/s, adapter {self.active or 'none'}, "
+                f"{settings}"
             )
 
     def use_weights(self, source: str | None) -> None:

@@ -12,7 +12,7 @@ import transformers
 
 from src.artifact import ARCHIVE_NAME, base_model_fingerprint, plot_losses, write_archive
 from src.base_model import BaseModel, resolve_base_model
-from src.batching import PackingStats, Row, build_rows
+from src.batching import PackingStats, build_rows
 from src.config import TrainConfig
 from src.data import Example, check_lengths, read_jsonl, split_validation, tokenize_rows
 from src.errors import UserInputError
@@ -35,7 +35,7 @@ def run_training(config: TrainConfig) -> Path:
         train_examples, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
     )
     log_packing(config, stats)
-    validation_rows = [Row((e.tokens,)) for e in validation_examples]
+    validation_rows, _ = build_rows(validation_examples, pack=False, wrap=False, chunk_size=0)
 
     placement = pick_placement()
     model = None

@@ -51,6 +51,20 @@ def test_wrap_cuts_rows_of_exactly_chunk_size():
     assert [t for r in rows for s in r.segments for t in s.input_ids] == stream
 
 
+@pytest.mark.parametrize(("pack", "wrap"), [(False, False), (True, False), (True, True)])
+def test_tokens_in_are_tokens_trained(pack, wrap):
+    examples = make_examples([random.Random(i).randint(2, 60) for i in range(40)])
+    for example in examples[::3]:  # a prompt part without loss, as in chat rows
+        example.tokens.labels[1:4] = [IGNORE_INDEX] * 3
+    rows, stats = build_rows(examples, pack=pack, wrap=wrap, chunk_size=64)
+    batch = collate(rows)
+    real = sum(len(e) for e in examples) - stats.truncated_tokens
+    supervised = sum(e.tokens.num_supervised for e in examples)
+    assert stats.truncated_tokens == 0
+    assert batch.num_real_tokens == stats.real_tokens == real
+    assert batch.num_targets == supervised
+
+
 def test_collate_isolates_segments_and_pads_as_a_segment():
     examples = make_examples([3, 4])
     rows, _ = build_rows(examples, pack=True, wrap=False, chunk_size=8)

@@ -15,6 +15,7 @@ from src.errors import UserInputError
 from src.inference import ChatModel, build_chat_request
 from src.modeling import load_base_model, pick_placement
 from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
+from src.weights import WeightsStore
 from tests.helpers import FACTS, OTHER_FACTS, serve_directory
 
 PROMPT, ANSWER = FACTS[0]
@@ -200,12 +201,21 @@ def _symlink(tar) -> None:
         (lambda tar: _add_bytes(tar, "big.bin", b"x" * 4096), "exceeds the limit"),
     ],
 )
-def test_malicious_archives_are_refused(base_model_env, tmp_path, monkeypatch, build, message):
+def test_malicious_archives_are_refused(tmp_path, monkeypatch, build, message):
     monkeypatch.setattr(src.artifact, "MAX_ARCHIVE_BYTES", 1024)
     archive = _evil_archive(tmp_path / "evil.tar", build)
+    store = WeightsStore(tmp_path / "a" / "b" / "weights")
     with pytest.raises(UserInputError, match=message):
+        store.unpack(archive)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "evil.tar"]
+    assert all(store.root in p.parents for p in written), written
+    assert not any("escaped" in p.name for p in written)
+
+
+def test_malicious_weights_fail_setup_clearly(base_model_env, tmp_path):
+    archive = _evil_archive(tmp_path / "evil.tar", _symlink)
+    with pytest.raises(UserInputError, match="only files and folders are allowed"):
         ChatModel(archive)
-    assert not list(tmp_path.parent.rglob("escaped*")) and not (tmp_path / "escaped.txt").exists()
 
 
 def test_pickle_next_to_safetensors_is_refused(facts_archive, tmp_path):

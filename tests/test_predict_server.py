@@ -48,6 +48,7 @@ def answer(server: CogServer, **inputs) -> str:
     completed = events[-1].data
     assert completed["status"] == "succeeded", completed.get("error")
     chunks = [e.data["chunk"] for e in events if e.event == "output"]
+    assert completed["metrics"]["output_token_count"] >= len(chunks) > 0
     assert "".join(chunks) == "".join(completed["output"])
     return "".join(chunks)
 

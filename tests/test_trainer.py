@@ -60,15 +60,21 @@ def test_the_update_does_not_depend_on_the_micro_batch_split(model, examples):
         assert_same_gradients(grads, grads_whole)
 
 
-def test_packed_examples_do_not_see_each_other(model, examples):
-    packed_rows, stats = build_rows(examples, pack=True, wrap=False, chunk_size=256)
-    assert stats.rows == 1  # all six examples share one row
+def loss_and_gradients(model, rows: list[Row]) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss sum and LoRA gradients of `rows`, each row computed on its own."""
     model.eval()
-    packed = supervised_loss_sum(model, collate(packed_rows), CPU)
-    packed.backward()
-    packed_grads = lora_gradients(model)
-    alone = sum(supervised_loss_sum(model, collate([Row((e.tokens,))]), CPU) for e in examples)
-    alone.backward()
-    alone_grads = lora_gradients(model)
-    assert packed.item() == pytest.approx(alone.item(), rel=1e-4)
+    loss = sum(supervised_loss_sum(model, collate([row]), CPU) for row in rows)
+    loss.backward()
+    return loss.item(), lora_gradients(model)
+
+
+@pytest.mark.parametrize(("wrap", "chunk_size", "num_rows"), [(False, 256, 1), (True, 40, 4)])
+def test_packed_examples_do_not_see_each_other(model, examples, wrap, chunk_size, num_rows):
+    """A packed (or wrapped) row costs exactly what its examples (or fragments) cost alone."""
+    packed_rows, stats = build_rows(examples, pack=True, wrap=wrap, chunk_size=chunk_size)
+    assert stats.rows == num_rows
+    packed_loss, packed_grads = loss_and_gradients(model, packed_rows)
+    one_by_one = [Row((segment,)) for row in packed_rows for segment in row.segments]
+    alone_loss, alone_grads = loss_and_gradients(model, one_by_one)
+    assert packed_loss == pytest.approx(alone_loss, rel=1e-4)
     assert_same_gradients(packed_grads, alone_grads)

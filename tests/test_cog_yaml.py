@@ -1,0 +1,37 @@
+"""cog.yaml against Cog's own config schema (pkg/config/data/config_schema_v1.0.json, v0.23)."""
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+SCHEMA = Path(__file__).parent / "fixtures" / "cog_config_schema_v1.0.json"
+
+
+def cog_yaml() -> dict:
+    return yaml.safe_load((PROJECT_DIR / "cog.yaml").read_text())
+
+
+def test_cog_yaml_is_valid():
+    jsonschema.validate(cog_yaml(), json.loads(SCHEMA.read_text()))
+
+
+def test_cog_yaml_declares_gpu_python_and_both_entry_points():
+    config = cog_yaml()
+    assert config["build"]["gpu"] is True
+    assert config["build"]["python_requirements"] == "requirements.txt"
+    assert config["run"] == "predict.py:Predictor" and config["train"] == "train.py:train"
+
+
+def test_every_requirement_is_pinned_and_torch_matches_the_install_command():
+    lines = [
+        line.strip()
+        for line in (PROJECT_DIR / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.+]+", line) for line in lines), lines
+    assert "torch==2.13.0" in lines
+    assert "torch==2.13.0" in (PROJECT_DIR / "Makefile").read_text()
