@@ -42,6 +42,14 @@ class Row:
     def __len__(self) -> int:
         return sum(len(s.input_ids) for s in self.segments)
 
+    @property
+    def num_targets(self) -> int:
+        """Supervised positions: every label but a segment's first, plus carried ones."""
+        return sum(
+            sum(label != IGNORE_INDEX for label in s.labels[1:]) + (s.next_label != IGNORE_INDEX)
+            for s in self.segments
+        )
+
 
 @dataclass(frozen=True)
 class PackingStats:
@@ -137,19 +145,39 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_rows, generator=generator).tolist()
 
 
-def optimizer_steps(
-    rows: list[Row], order: list[int], batch_size: int, micro_batch_size: int
-) -> Iterator[list[list[Row]]]:
-    """Each step: `batch_size` rows as micro-batches of at most `micro_batch_size` rows.
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step as one rank sees it."""
 
-    Rows are sorted by length inside a step so that micro-batches need less padding; the
-    gradient of the step is the same whatever the grouping, since the loss is a sum.
+    micro_batches: list[list[Row]]  # this rank's rows, at most micro_batch_size per batch
+    num_targets: int  # supervised tokens of the whole step, over all ranks
+    num_tokens: int  # real tokens of the whole step, over all ranks
+
+
+def optimizer_steps(
+    rows: list[Row],
+    order: list[int],
+    batch_size: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[StepPlan]:
+    """Each step takes `batch_size` rows in `order`; rank r takes every world_size-th of them.
+
+    Rows are sorted by length inside a step, so micro-batches need less padding and the ranks
+    get similar work; the gradient of the step is the same whatever the grouping, since the
+    loss is a sum over tokens.
     """
     for start in range(0, len(order), batch_size):
         step_rows = sorted((rows[i] for i in order[start : start + batch_size]), key=len)
-        yield [
-            step_rows[i : i + micro_batch_size] for i in range(0, len(step_rows), micro_batch_size)
-        ]
+        mine = step_rows[rank::world_size]
+        yield StepPlan(
+            micro_batches=[
+                mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)
+            ],
+            num_targets=sum(r.num_targets for r in step_rows),
+            num_tokens=sum(len(r) for r in step_rows),
+        )
 
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:

@@ -44,6 +44,14 @@ class Example:
         return len(self.tokens.input_ids)
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The tokenized examples of a run: what is trained on and what is validated on."""
+
+    train: list[Example]
+    validation: list[Example]
+
+
 def read_jsonl(path: Path, name: str) -> list[Row]:
     """Read and check every line; raise one UserInputError listing every bad line."""
     data = path.read_bytes()

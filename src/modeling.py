@@ -1,6 +1,7 @@
 """Loading the base model (full precision or 4-bit NF4) and wrapping it with LoRA."""
 
 import contextlib
+import importlib.util
 import json
 import warnings
 from collections.abc import Iterator
@@ -36,6 +37,14 @@ def pick_placement() -> Placement:
     return Placement(torch.device("cpu"), torch.float32)
 
 
+def attention_implementation(placement: Placement) -> str:
+    """FlashAttention-2 on a GPU where it is installed (varlen kernels for packed rows), else
+    PyTorch's sdpa, which isolates packed examples through a block-diagonal mask."""
+    if placement.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def read_model_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
@@ -64,7 +73,7 @@ def load_base_model(model_dir: Path, quantize_4bit: bool, placement: Placement) 
         dtype=placement.dtype,
         quantization_config=quantization,
         device_map={"": placement.device},
-        attn_implementation="sdpa",
+        attn_implementation=attention_implementation(placement),
     )
     model.config.use_cache = False  # training; packed rows are isolated only without the cache
     return model

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from src.batching import MicroBatch, Row, collate, epoch_order, optimizer_steps, steps_per_epoch
 from src.config import TrainConfig
+from src.distributed import World, sum_over_ranks
 from src.log import Stopwatch, format_duration, log
 from src.prompt_format import IGNORE_INDEX, encode_chat_prompt, encode_preformatted, is_preformatted
 
@@ -47,13 +48,22 @@ def train_adapter(
     validation_rows: list[Row],
     config: TrainConfig,
     device: torch.device,
+    world: World,
 ) -> TrainResult:
-    """Train the LoRA parameters of `model` in place; return the measured history."""
+    """Train the LoRA parameters of `model` in place; return the measured history.
+
+    With several ranks, each runs this loop on its share of every step; rank 0 validates.
+    """
     total_steps = (
         steps_per_epoch(len(train_rows), config.train_batch_size) * config.num_train_epochs
     )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
+    if world.size > 1:
+        log(
+            f"data parallel: {world.size} processes; each step's {config.train_batch_size} "
+            f"rows are shared among them, at most {config.micro_batch_size} per forward pass"
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
     progress = _Progress(total_steps)
     result = TrainResult()
@@ -63,19 +73,25 @@ def train_adapter(
     )
     for epoch in range(config.num_train_epochs):
         order = epoch_order(len(train_rows), config.seed, epoch)
-        for step_batches in optimizer_steps(
-            train_rows, order, config.train_batch_size, config.micro_batch_size
+        for plan in optimizer_steps(
+            train_rows,
+            order,
+            config.train_batch_size,
+            config.micro_batch_size,
+            world.rank,
+            world.size,
         ):
-            batches = [collate(rows) for rows in step_batches]
+            batches = [collate(rows) for rows in plan.micro_batches]
             lr = scheduler.get_last_lr()[0]
-            loss = _optimizer_step(model, batches, parameters, optimizer, device)
+            loss = _optimizer_step(model, batches, plan.num_targets, optimizer, device, world)
             scheduler.step()
             result.steps += 1
-            result.tokens_trained += sum(b.num_real_tokens for b in batches)
-            result.targets_trained += sum(b.num_targets for b in batches)
+            result.tokens_trained += plan.num_tokens
+            result.targets_trained += plan.num_targets
             result.train_losses.append((result.steps, loss))
             progress.step(result, lr, epoch)
-        _end_of_epoch(model, tokenizer, validation_rows, config, device, result, epoch)
+        if world.is_main:
+            _end_of_epoch(model, tokenizer, validation_rows, config, device, result, epoch)
         progress.resume()
     result.seconds = progress.clock.elapsed()
     return result
@@ -84,12 +100,22 @@ def train_adapter(
 def _optimizer_step(
     model: PeftModel,
     batches: list[MicroBatch],
-    parameters: list[torch.nn.Parameter],
+    step_targets: int,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    world: World,
 ) -> float:
+    """One update from this rank's micro-batches; returns the step's loss over all ranks."""
     model.train()
-    loss = accumulate_gradients(model, batches, device)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    loss = accumulate_gradients(model, batches, step_targets, device)
+    if world.size > 1:
+        for parameter in parameters:  # a rank with no rows in this step adds zeros
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        loss_tensor = torch.tensor([loss], device=device)
+        sum_over_ranks([p.grad for p in parameters] + [loss_tensor], world)
+        loss = loss_tensor.item()
     torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -97,14 +123,14 @@ def _optimizer_step(
 
 
 def accumulate_gradients(
-    model: PeftModel, batches: list[MicroBatch], device: torch.device
+    model: PeftModel, batches: list[MicroBatch], step_targets: int, device: torch.device
 ) -> float:
-    """Backward over the micro-batches of one step; return the step's mean token loss.
+    """Backward over micro-batches of one step; return their share of the step's mean loss.
 
-    Each micro-batch's loss sum is divided by the supervised tokens of the whole step, so the
-    accumulated gradient is that of the mean over the step's tokens, however it is split.
+    Each micro-batch's loss sum is divided by the supervised tokens of the whole step (over all
+    micro-batches and ranks), so the accumulated gradient is that of the mean over the step's
+    tokens, however the step is split.
     """
-    step_targets = sum(b.num_targets for b in batches)
     total = 0.0
     for batch in batches:
         if batch.num_targets == 0:

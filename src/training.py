@@ -14,8 +14,17 @@ from src.artifact import ARCHIVE_NAME, base_model_fingerprint, plot_losses, writ
 from src.base_model import BaseModel, resolve_base_model
 from src.batching import PackingStats, build_rows
 from src.config import TrainConfig
-from src.data import Example, check_lengths, read_jsonl, split_validation, tokenize_rows
+from src.data import (
+    Example,
+    TrainingData,
+    check_lengths,
+    read_jsonl,
+    split_validation,
+    tokenize_rows,
+)
+from src.distributed import World
 from src.errors import UserInputError
+from src.launcher import data_parallel_processes, launch_workers
 from src.log import Stopwatch, log
 from src.modeling import add_lora, context_window, load_base_model, load_tokenizer, pick_placement
 from src.prompt_format import FORMAT_NAME, render_user_turn
@@ -23,24 +32,43 @@ from src.trainer import TrainResult, train_adapter
 
 
 def run_training(config: TrainConfig) -> Path:
-    """Train a LoRA/QLoRA adapter as configured and return the path of the weights archive."""
+    """Train a LoRA/QLoRA adapter as configured and return the path of the weights archive.
+
+    The data is read, checked and tokenized here, before any model is loaded. With several
+    devices (or TRAIN_PROCESSES), torchrun workers train on it data-parallel.
+    """
     clock = Stopwatch()
     base = resolve_base_model()
     log(f"base model: {base.source} ({base.path})")
     tokenizer = load_tokenizer(base.path)
-    train_examples, validation_examples = prepare_examples(
-        config, tokenizer, context_window(base.path)
-    )
+    data = prepare_examples(config, tokenizer, context_window(base.path))
+    processes = data_parallel_processes()
+    if processes > 1:
+        return launch_workers(config, data, processes)
+    archive = train_and_save(config, base, tokenizer, data, World(), clock)
+    assert archive is not None  # a single process is rank 0
+    return archive
+
+
+def train_and_save(
+    config: TrainConfig,
+    base: BaseModel,
+    tokenizer: Any,
+    data: TrainingData,
+    world: World,
+    clock: Stopwatch,
+) -> Path | None:
+    """Pack, load the base, add LoRA, train; rank 0 returns the weights archive."""
     train_rows, stats = build_rows(
-        train_examples, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
+        data.train, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
     )
     log_packing(config, stats)
-    validation_rows, _ = build_rows(validation_examples, pack=False, wrap=False, chunk_size=0)
+    validation_rows, _ = build_rows(data.validation, pack=False, wrap=False, chunk_size=0)
 
     placement = pick_placement()
     model = None
     try:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
         model = load_base_model(base.path, config.quantize_4bit, placement)
         log(
             f"loaded {model.num_parameters():,} base parameters on {placement.device} "
@@ -54,8 +82,10 @@ def run_training(config: TrainConfig) -> Path:
             quantized=config.quantize_4bit,
         )
         result = train_adapter(
-            model, tokenizer, train_rows, validation_rows, config, placement.device
+            model, tokenizer, train_rows, validation_rows, config, placement.device, world
         )
+        if not world.is_main:
+            return None
         return save_weights(model, config, base, result, stats, clock.elapsed())
     finally:
         del model
@@ -64,9 +94,7 @@ def run_training(config: TrainConfig) -> Path:
             torch.cuda.empty_cache()
 
 
-def prepare_examples(
-    config: TrainConfig, tokenizer: Any, max_tokens: int
-) -> tuple[list[Example], list[Example]]:
+def prepare_examples(config: TrainConfig, tokenizer: Any, max_tokens: int) -> TrainingData:
     """Read, check, split and tokenize both files; every data error is raised here."""
     rows = read_jsonl(config.train_data, "train_data")
     validation_file = None
@@ -91,7 +119,7 @@ def prepare_examples(
     check_lengths(validation_examples, max_tokens, "the model's context window")
     _log_counts("train", train_examples)
     _log_counts("validation", validation_examples)
-    return train_examples, validation_examples
+    return TrainingData(train_examples, validation_examples)
 
 
 def _log_counts(name: str, examples: list[Example]) -> None:

@@ -93,6 +93,22 @@ def test_each_step_sees_exactly_the_global_batch(batch, micro):
     )
     steps = list(optimizer_steps(rows, epoch_order(23, 1, 0), batch, micro))
     assert len(steps) == steps_per_epoch(23, batch)
-    assert [sum(len(m) for m in s) for s in steps[:-1]] == [batch] * (len(steps) - 1)
-    assert sum(len(m) for s in steps for m in s) == 23  # the last step takes the rest
-    assert all(len(m) <= micro for s in steps for m in s)
+    sizes = [sum(len(m) for m in s.micro_batches) for s in steps]
+    assert sizes[:-1] == [batch] * (len(steps) - 1)
+    assert sum(sizes) == 23  # the last step takes the rest
+    assert all(len(m) <= micro for s in steps for m in s.micro_batches)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_share_each_step_exactly(world_size):
+    rows, _ = build_rows(
+        make_examples([random.Random(i).randint(2, 20) for i in range(21)]), False, False, 64
+    )
+    order = epoch_order(21, 1, 0)
+    single = list(optimizer_steps(rows, order, 8, 2))
+    shares = [list(optimizer_steps(rows, order, 8, 2, r, world_size)) for r in range(world_size)]
+    for step, *rank_steps in zip(single, *shares, strict=True):
+        together = sorted(id(r) for s in rank_steps for m in s.micro_batches for r in m)
+        assert together == sorted(id(r) for m in step.micro_batches for r in m)
+        assert all(s.num_targets == step.num_targets for s in rank_steps)
+        assert all(len(m) <= 2 for s in rank_steps for m in s.micro_batches)

@@ -1,12 +1,14 @@
 """Training through Cog's real HTTP server (coglet) on 127.0.0.1, with the schema of train.py."""
 
 import json
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import FACTS, FAST_LEARNING, wait_for, write_jsonl
-from tools.cog_server import CogServer
+from tools.cog_server import CogServer, cog_server
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -105,3 +107,47 @@ def test_cancel_stops_the_training_and_the_server_takes_the_next(
     assert train_server.wait_ready(timeout=10) == "READY"
     body = {"input": {"train_data": f"{served_data}/broken.jsonl"}}
     assert train_server.post("/trainings", body)[1]["status"] == "failed"  # answered at once
+
+
+def training_processes() -> list[psutil.Process]:
+    """torchrun and its workers (both name src.worker on their command line)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "src.worker" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_cancel_ends_every_process_of_a_multi_process_training(
+    tiny_model_dir, served_data, webhook, tmp_path
+):
+    url, received = webhook
+    env = {"BASE_MODEL": str(tiny_model_dir), "TRAIN_PROCESSES": "2"}
+    with cog_server(PROJECT, "train", env) as server:
+        body = {
+            "input": {
+                "train_data": f"{served_data}/facts.jsonl",
+                "num_train_epochs": 1000,
+                "micro_batch_size": 1,
+                "run_validation": False,
+            },
+            "webhook": url,
+        }
+        assert server.put("/trainings/multi", body, {"Prefer": "respond-async"})[0] == 202
+        wait_for(lambda: "step 1/4000 " in server.log_text(), timeout=120)
+        workers = training_processes()
+        assert len(workers) == 3  # torchrun and two workers
+        started = time.monotonic()
+        assert server.post("/trainings/multi/cancel") == (200, {})
+        wait_for(lambda: any(h["status"] == "canceled" for h in received), timeout=20)
+        wait_for(
+            lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers),
+            timeout=20,
+        )
+        assert time.monotonic() - started < 15
+        assert server.wait_ready(timeout=10) == "READY"
+        data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS])
+        body = {"input": {"train_data": str(data), "num_train_epochs": 1, "run_validation": False}}
+        _, result = server.post("/trainings", body, timeout=300)
+        assert result["status"] == "succeeded", result.get("error")
+        assert "launching 2 training processes" in result["logs"]

@@ -47,7 +47,9 @@ def assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 def step_gradients(model, rows: list[Row], micro: int) -> tuple[float, dict[str, torch.Tensor]]:
     [step] = optimizer_steps(rows, list(range(len(rows))), len(rows), micro)
-    loss = accumulate_gradients(model, [collate(m) for m in step], CPU)
+    loss = accumulate_gradients(
+        model, [collate(m) for m in step.micro_batches], step.num_targets, CPU
+    )
     return loss, lora_gradients(model)
 
 

@@ -1,0 +1,178 @@
+"""Launching data-parallel training: torchrun started from train(), one worker per device.
+
+The parent hands the workers one job folder: the config as JSON and the tokenized examples
+as safetensors (the data is read and checked once, in the parent). Rank 0's output is relayed
+line by line to the parent's stdout, which Cog streams into the training's logs. A failing
+worker writes its error and traceback into the folder, and the parent raises them. When the
+training is canceled, or the parent dies, every worker process is ended.
+"""
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from src.config import TrainConfig
+from src.data import Example, TrainingData
+from src.errors import UserInputError
+from src.log import log
+from src.prompt_format import TokenizedExample
+
+PROCESSES_VARIABLE = "TRAIN_PROCESSES"  # overrides the number of processes (default: GPUs)
+LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # workers end themselves when it is gone
+STOP_GRACE_S = 10
+
+
+def data_parallel_processes() -> int:
+    configured = os.environ.get(PROCESSES_VARIABLE)
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise UserInputError(f"{PROCESSES_VARIABLE} must be a positive whole number")
+        return int(configured)
+    return max(1, torch.cuda.device_count())
+
+
+def launch_workers(config: TrainConfig, data: TrainingData, processes: int) -> Path:
+    """Train in `processes` torchrun workers; return the weights archive that rank 0 wrote."""
+    job = Path(tempfile.mkdtemp(prefix="llama2-job-"))
+    write_job(job, config, data)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={processes}", "-m", "src.worker", str(job),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env[LAUNCHER_PID_VARIABLE] = str(os.getpid())
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    log(f"launching {processes} training processes")
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _relay_output(process)
+        if process.returncode != 0:
+            raise _worker_failure(job, process.returncode)
+        return Path(json.loads((job / "result.json").read_text())["weights"])
+    finally:
+        _stop(process)
+        shutil.rmtree(job, ignore_errors=True)
+
+
+def _relay_output(process: subprocess.Popen[str]) -> None:
+    """Print the workers' lines until they exit; wait in short slices so cancel gets through."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        print(line, end="", flush=True)
+    process.wait()
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """End torchrun and its workers: SIGTERM to the process group, SIGKILL after a grace time."""
+    if process.poll() is not None:
+        return
+    log("stopping the training processes")
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _worker_failure(job: Path, returncode: int) -> Exception:
+    reports = sorted(job.glob("error-rank*.json"))
+    if not reports:
+        return RuntimeError(
+            f"a training process died with exit code {returncode} and left no error "
+            "(killed by the system, for example out of memory)"
+        )
+    error = json.loads(reports[0].read_text())
+    if error["user_error"]:
+        return UserInputError(error["message"])
+    return RuntimeError(
+        f"training process {error['rank']} failed: {error['message']}\n{error['traceback']}"
+    )
+
+
+def write_worker_error(job: Path, rank: int, error: BaseException) -> None:
+    report = {
+        "rank": rank,
+        "user_error": isinstance(error, UserInputError),
+        "message": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    if report["user_error"]:
+        report["message"] = str(error)
+    (job / f"error-rank{rank}.json").write_text(json.dumps(report))
+
+
+def write_job(job: Path, config: TrainConfig, data: TrainingData) -> None:
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    (job / "config.json").write_text(json.dumps(values))
+    save_file(
+        {**_pack("train", data.train), **_pack("validation", data.validation)},
+        job / "examples.safetensors",
+    )
+
+
+def read_job(job: Path) -> tuple[TrainConfig, TrainingData]:
+    values = json.loads((job / "config.json").read_text())
+    for field in fields(TrainConfig):
+        if field.name in ("train_data", "validation_data") and values[field.name] is not None:
+            values[field.name] = Path(values[field.name])
+    tensors = load_file(job / "examples.safetensors")
+    data = TrainingData(_unpack("train", tensors), _unpack("validation", tensors))
+    return TrainConfig(**values), data
+
+
+def _pack(name: str, examples: list[Example]) -> dict[str, torch.Tensor]:
+    lengths = [len(e) for e in examples]
+    return {
+        f"{name}.input_ids": torch.tensor(
+            [t for e in examples for t in e.tokens.input_ids], dtype=torch.int32
+        ),
+        f"{name}.labels": torch.tensor(
+            [t for e in examples for t in e.tokens.labels], dtype=torch.int32
+        ),
+        f"{name}.lengths": torch.tensor(lengths, dtype=torch.int64),
+    }
+
+
+def _unpack(name: str, tensors: dict[str, torch.Tensor]) -> list[Example]:
+    ids = tensors[f"{name}.input_ids"].tolist()
+    labels = tensors[f"{name}.labels"].tolist()
+    examples, start = [], 0
+    for length in tensors[f"{name}.lengths"].tolist():
+        tokens = TokenizedExample(ids[start : start + length], labels[start : start + length])
+        examples.append(Example(f"{name} example {len(examples) + 1}", tokens))
+        start += length
+    return examples

@@ -1,0 +1,60 @@
+"""One data-parallel training process, started by torchrun: `python -m src.worker JOB_FOLDER`.
+
+Rank 0 logs, validates and writes the weights archive; the others train silently. Errors are
+written into the job folder for the parent to raise (see src/launcher.py).
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from src.base_model import resolve_base_model
+from src.distributed import init_from_torchrun
+from src.launcher import LAUNCHER_PID_VARIABLE, read_job, write_worker_error
+from src.log import Stopwatch
+from src.modeling import load_tokenizer
+from src.training import train_and_save
+
+
+def main(job: Path) -> None:
+    clock = Stopwatch()
+    _end_with_the_launcher(int(os.environ[LAUNCHER_PID_VARIABLE]))
+    world = init_from_torchrun()
+    if not world.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    try:
+        config, data = read_job(job)
+        base = resolve_base_model()
+        archive = train_and_save(config, base, load_tokenizer(base.path), data, world, clock)
+        if archive is not None:
+            (job / "result.json").write_text(json.dumps({"weights": str(archive)}))
+    except Exception as error:
+        write_worker_error(job, world.rank, error)
+        raise SystemExit(1) from error
+    finally:
+        dist.destroy_process_group()
+
+
+def _end_with_the_launcher(launcher_pid: int) -> None:
+    """If the process that started torchrun dies, end this process group (torchrun included)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1)
+            try:
+                os.kill(launcher_pid, 0)
+            except ProcessLookupError:
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,120 @@
+"""Data parallelism on CPU: torchrun workers with the gloo backend, launched from train()."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load
+
+from src.errors import UserInputError
+from tests.helpers import FACTS, call_train, wait_for, write_jsonl
+
+# 1 process x 4 accumulation steps against 2 processes x 2 accumulation steps.
+SETTINGS = dict(
+    num_train_epochs=2,
+    train_batch_size=4,
+    micro_batch_size=1,
+    learning_rate=3e-3,
+    lora_dropout=0.0,
+    validation_prompt=FACTS[0][0],
+)
+
+
+def results(archive) -> tuple[dict, dict[str, torch.Tensor]]:
+    with tarfile.open(archive) as tar:
+        metadata = json.load(tar.extractfile("training_metadata.json"))
+        weights = load(tar.extractfile("adapter_model.safetensors").read())
+    return metadata, weights
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tiny_model_dir, facts_file):
+    archives = {}
+    for processes in (1, 2):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("BASE_MODEL", str(tiny_model_dir))
+            patch.setenv("TRAIN_PROCESSES", str(processes))
+            archives[processes] = call_train(train_data=str(facts_file), **SETTINGS)
+    return archives
+
+
+def test_two_processes_train_like_one(one_and_two_processes):
+    one, one_weights = results(one_and_two_processes[1])
+    two, two_weights = results(one_and_two_processes[2])
+    losses_one = [loss for _, loss in one["results"]["train_losses"]]
+    losses_two = [loss for _, loss in two["results"]["train_losses"]]
+    assert len(losses_one) == len(losses_two) == 2 * 4  # 13 train rows, 4 per step
+    assert losses_two == pytest.approx(losses_one, rel=1e-4)
+    assert two["results"]["tokens_trained"] == one["results"]["tokens_trained"]
+    for name, tensor in one_weights.items():
+        error = (tensor - two_weights[name]).norm() / tensor.norm()
+        assert error < 1e-3, name
+
+
+def test_rank_zero_alone_logs_and_validates(one_and_two_processes, capsys):
+    two, _ = results(one_and_two_processes[2])
+    assert len(two["results"]["validation_losses"]) == 2
+    assert len(two["results"]["validation_answers"]) == 2
+
+
+def test_a_worker_error_reaches_the_user_with_its_traceback(
+    tiny_model_dir, facts_file, tmp_path, monkeypatch
+):
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    monkeypatch.setenv("BASE_MODEL", str(broken))
+    monkeypatch.setenv("TRAIN_PROCESSES", "2")
+    with pytest.raises(RuntimeError) as error:
+        call_train(train_data=str(facts_file), num_train_epochs=1)
+    message = str(error.value)
+    assert "training process" in message and "failed" in message
+    assert "Traceback (most recent call last)" in message and "load_base_model" in message
+
+
+def test_data_errors_are_raised_before_any_worker_starts(base_model_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAIN_PROCESSES", "2")
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
+    with pytest.raises(UserInputError, match='line 1: missing "completion"'):
+        call_train(train_data=str(data))
+
+
+def test_workers_end_when_the_launcher_dies(tiny_model_dir, facts_file):
+    script = (
+        "from tests.helpers import call_train\n"
+        f"call_train(train_data={str(facts_file)!r}, num_train_epochs=1000, micro_batch_size=1)\n"
+    )
+    env = {
+        **__import__("os").environ,
+        "BASE_MODEL": str(tiny_model_dir),
+        "TRAIN_PROCESSES": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in launcher.stdout:
+            if line.startswith("step 1/"):
+                break
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(children) >= 3  # torchrun and two workers
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        wait_for(
+            lambda: (
+                not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+            ),
+            timeout=20,
+        )
+    finally:
+        launcher.kill()
