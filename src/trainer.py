@@ -60,10 +60,7 @@ def train_adapter(
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     if world.size > 1:
-        log(
-            f"data parallel: {world.size} processes; each step's {config.train_batch_size} "
-            f"rows are shared among them, at most {config.micro_batch_size} per forward pass"
-        )
+        _log_data_parallel_plan(config, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
     progress = _Progress(total_steps)
     result = TrainResult()
@@ -218,6 +215,20 @@ def _end_of_epoch(
         answer = answer_prompt(model, tokenizer, config.validation_prompt, device)
         result.validation_answers.append(answer)
         log(f"validation prompt: {config.validation_prompt!r}\nmodel answer: {answer!r}")
+
+
+def _log_data_parallel_plan(config: TrainConfig, world: World) -> None:
+    per_rank = -(-config.train_batch_size // world.size)
+    log(
+        f"data parallel: {world.size} processes share each step's {config.train_batch_size} "
+        f"rows (up to {per_rank} each), at most {config.micro_batch_size} per forward pass"
+    )
+    if config.train_batch_size % world.size:
+        log(
+            f"note: train_batch_size {config.train_batch_size} is not a multiple of "
+            f"{world.size} processes: some take one row less per step (the update is still "
+            f"exact); a multiple uses every device fully"
+        )
 
 
 def _warmup_cosine(total_steps: int) -> Callable[[int], float]:

@@ -1,6 +1,7 @@
 """Training through Cog's real HTTP server (coglet) on 127.0.0.1, with the schema of train.py."""
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
     url, received = webhook
     env = {"BASE_MODEL": str(tiny_model_dir), "TRAIN_PROCESSES": "2"}
     with cog_server(PROJECT, "train", env) as server:
-        body = {
+        long_training = {
             "input": {
                 "train_data": f"{served_data}/facts.jsonl",
                 "num_train_epochs": 1000,
@@ -133,7 +134,7 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
             },
             "webhook": url,
         }
-        assert server.put("/trainings/multi", body, {"Prefer": "respond-async"})[0] == 202
+        assert server.put("/trainings/multi", long_training, {"Prefer": "respond-async"})[0] == 202
         wait_for(lambda: "step 1/4000 " in server.log_text(), timeout=120)
         workers = training_processes()
         assert len(workers) == 3  # torchrun and two workers
@@ -151,3 +152,13 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
         _, result = server.post("/trainings", body, timeout=300)
         assert result["status"] == "succeeded", result.get("error")
         assert "launching 2 training processes" in result["logs"]
+
+        # SIGTERM to the server during a training ends the training processes as well.
+        assert server.put("/trainings/term", long_training, {"Prefer": "respond-async"})[0] == 202
+        wait_for(lambda: server.log_text().count("step 1/4000 ") == 2, timeout=120)
+        workers = training_processes()
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers),
+            timeout=30,
+        )
