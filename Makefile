@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint schema bench clean
+.PHONY: demo test lint schema bench bench-smoke clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run
+
+bench-smoke: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run --smoke --out "$$(mktemp -d)"
 
 schema: $(BIN)/.installed
 	$(BIN)/python -m tools.cog_openapi

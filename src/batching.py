@@ -1,10 +1,9 @@
 """From tokenized examples to micro-batches: packing, the data order and exact batch semantics.
 
 A *row* is one line of a batch: a sequence of *segments* (whole examples, or fragments of
-examples in wrap mode). Every segment starts its own position ids at 0, and the model is run
-without an attention mask and without the KV cache, so transformers derives a block-diagonal
-causal mask from the position ids: no token attends across a segment boundary. Padding is
-one more segment with no targets. Without packing a row is one example.
+examples in wrap mode). Without packing a row is one example. Every segment starts its own
+position ids at 0 and the attention keeps segments apart by them (no token attends across a
+segment boundary), so a micro-batch is its rows laid end to end, with no padding at all.
 
 An optimizer step takes exactly `train_batch_size` rows (the last step of an epoch takes what
 is left), split into micro-batches of at most `micro_batch_size` rows.
@@ -18,8 +17,6 @@ import torch
 
 from src.data import Example
 from src.prompt_format import IGNORE_INDEX, TokenizedExample
-
-PAD_TOKEN_ID = 0  # <unk>; never a target, never attended to by real tokens
 
 
 @dataclass(frozen=True)
@@ -66,9 +63,9 @@ class PackingStats:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    input_ids: torch.Tensor  # (B, L)
-    position_ids: torch.Tensor  # (B, L), restarting at 0 at each segment
-    targets: torch.Tensor  # (B, L), the token to predict at each position, or IGNORE_INDEX
+    input_ids: torch.Tensor  # (1, N): the micro-batch's rows end to end
+    position_ids: torch.Tensor  # (1, N), restarting at 0 at each segment
+    targets: torch.Tensor  # (1, N), the token to predict at each position, or IGNORE_INDEX
     num_targets: int
     num_real_tokens: int
 
@@ -116,7 +113,7 @@ def _best_fit_decreasing(segments: list[Segment], capacity: int) -> list[Row]:
 
 
 def _wrap(segments: list[Segment], chunk_size: int) -> list[Row]:
-    """Cut the stream of all examples into rows of exactly chunk_size tokens (the last padded).
+    """Cut the stream of all examples into rows of exactly chunk_size tokens (but the last).
 
     A fragment that continues in the next row carries the label of the token that follows
     it, so its last position is still trained: every label of every example is trained once.
@@ -164,9 +161,8 @@ def optimizer_steps(
 ) -> Iterator[StepPlan]:
     """Each step takes `batch_size` rows in `order`; rank r takes every world_size-th of them.
 
-    Rows are sorted by length inside a step, so micro-batches need less padding and the ranks
-    get similar work; the gradient of the step is the same whatever the grouping, since the
-    loss is a sum over tokens.
+    Rows are sorted by length inside a step so that the ranks get similar work; the gradient
+    of the step is the same whatever the grouping, since the loss is a sum over tokens.
     """
     for start in range(0, len(order), batch_size):
         step_rows = sorted((rows[i] for i in order[start : start + batch_size]), key=len)
@@ -184,27 +180,50 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return -(-num_rows // batch_size)
 
 
+def forward_groups(rows: list[Row], max_tokens: int | None) -> list[list[Row]]:
+    """Split a micro-batch at segment boundaries into groups of at most `max_tokens` tokens.
+
+    Segments never attend to each other, so running them in several forward passes gives the
+    same gradient. On a CPU, passes of about a thousand tokens run fastest and need less
+    memory; a segment longer than the limit still goes whole.
+    """
+    if max_tokens is None:
+        return [rows]
+    groups: list[list[Row]] = []
+    current: list[Segment] = []
+    size = 0
+    for segment in (s for row in rows for s in row.segments):
+        if current and size + len(segment.input_ids) > max_tokens:
+            groups.append([Row(tuple(current))])
+            current, size = [], 0
+        current.append(segment)
+        size += len(segment.input_ids)
+    if current:
+        groups.append([Row(tuple(current))])
+    return groups
+
+
 def collate(rows: list[Row]) -> MicroBatch:
-    """Right-pad the rows to the longest one; the padding is a segment of its own."""
-    width = max(len(r) for r in rows)
-    input_ids, positions, targets = [], [], []
+    """The rows of a micro-batch laid end to end as one sequence of shape (1, N): no padding.
+
+    Position ids restart at every segment, which is all the attention needs to keep them apart
+    (src/attention.py, or FlashAttention-2's varlen kernels).
+    """
+    input_ids: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
     for row in rows:
-        ids, pos, tgt = [], [], []
         for segment in row.segments:
-            ids += segment.input_ids
-            pos += range(len(segment.input_ids))
+            input_ids += segment.input_ids
+            positions += range(len(segment.input_ids))
             # Position i predicts token i + 1 of the same example; the last position of a
             # segment predicts only the continuation of a wrapped fragment.
-            tgt += [*segment.labels[1:], segment.next_label]
-        pad = width - len(ids)
-        input_ids.append(ids + [PAD_TOKEN_ID] * pad)
-        positions.append(pos + list(range(pad)))
-        targets.append(tgt + [IGNORE_INDEX] * pad)
-    targets_tensor = torch.tensor(targets)
+            targets += [*segment.labels[1:], segment.next_label]
+    targets_tensor = torch.tensor([targets])
     return MicroBatch(
-        input_ids=torch.tensor(input_ids),
-        position_ids=torch.tensor(positions),
+        input_ids=torch.tensor([input_ids]),
+        position_ids=torch.tensor([positions]),
         targets=targets_tensor,
         num_targets=int((targets_tensor != IGNORE_INDEX).sum()),
-        num_real_tokens=sum(len(r) for r in rows),
+        num_real_tokens=len(input_ids),
     )

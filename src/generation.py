@@ -63,7 +63,7 @@ def sample_tokens(
     cache = DynamicCache()
     step_input = ids
     for produced in range(settings.max_new_tokens):
-        logits = model(input_ids=step_input, cache=cache, use_cache=True).logits
+        logits = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1).logits
         scores = logits[:, -1, :].float()  # (1, V)
         if produced < settings.min_new_tokens:
             scores[:, eos_token_id] = -float("inf")

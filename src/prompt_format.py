@@ -29,6 +29,20 @@ class Tokenizer(Protocol):
     def __call__(self, text: list[str], add_special_tokens: bool) -> dict: ...
 
 
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens, in one batched call.
+
+    Straight to the Rust tokenizer where there is one: the transformers wrapper around it
+    costs more than the tokenization itself on large files.
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     """Token ids and labels of one example; labels[i] is IGNORE_INDEX where no loss is taken."""
@@ -59,8 +73,8 @@ def encode_chat_prompts(
 ) -> list[list[int]]:
     """BOS + user turn, for a batch of prompts: what the model sees before its answer."""
     turns = [render_user_turn(p, s) for p, s in zip(prompts, systems, strict=True)]
-    encoded = tokenizer(turns, add_special_tokens=False)["input_ids"] if turns else []
-    return [[tokenizer.bos_token_id, *ids] for ids in encoded]
+    bos = tokenizer.bos_token_id  # read once: a transformers attribute lookup is slow
+    return [[bos, *ids] for ids in encode_texts(tokenizer, turns)]
 
 
 def encode_chat_prompt(tokenizer: Tokenizer, prompt: str, system: str | None = None) -> list[int]:
@@ -73,10 +87,11 @@ def encode_chat_examples(
     """Prompt/completion pairs: loss on the completion and the EOS only."""
     prompt_ids = encode_chat_prompts(tokenizer, prompts, systems)
     answers = [render_completion(c) for c in completions]
-    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
+    answer_ids = encode_texts(tokenizer, answers)
     examples = []
+    eos = tokenizer.eos_token_id
     for prompt_part, answer_part in zip(prompt_ids, answer_ids, strict=True):
-        target = [*answer_part, tokenizer.eos_token_id]
+        target = [*answer_part, eos]
         examples.append(
             TokenizedExample(
                 input_ids=prompt_part + target,
@@ -88,10 +103,10 @@ def encode_chat_examples(
 
 def encode_text_examples(tokenizer: Tokenizer, texts: list[str]) -> list[TokenizedExample]:
     """Plain text rows, trained whole: BOS + text + EOS."""
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     examples = []
-    for ids in encoded:
-        input_ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for ids in encode_texts(tokenizer, texts):
+        input_ids = [bos, *ids, eos]
         examples.append(TokenizedExample(input_ids, [IGNORE_INDEX, *input_ids[1:]]))
     return examples
 
@@ -103,7 +118,7 @@ def is_preformatted(prompt: str) -> bool:
 
 def encode_preformatted(tokenizer: Tokenizer, prompt: str) -> list[int]:
     text = prompt.strip().removeprefix("<s>").lstrip()
-    return [tokenizer.bos_token_id, *tokenizer([text], add_special_tokens=False)["input_ids"][0]]
+    return [tokenizer.bos_token_id, *encode_texts(tokenizer, [text])[0]]
 
 
 # The `prompt_template` input of Replicate's llama-2-7b-chat. Left at this default, the prompt
@@ -120,4 +135,4 @@ def encode_inference_prompt(
     if "{prompt}" not in template:
         raise UserInputError(f"prompt_template must contain {{prompt}}, got {template!r}")
     text = template.replace("{system_prompt}", system_prompt).replace("{prompt}", prompt)
-    return [tokenizer.bos_token_id, *tokenizer([text], add_special_tokens=False)["input_ids"][0]]
+    return [tokenizer.bos_token_id, *encode_texts(tokenizer, [text])[0]]

@@ -7,6 +7,7 @@ so the 32,000-wide vocabulary projection is never materialised for prompt or pad
 """
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,13 +16,23 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from src.batching import MicroBatch, Row, collate, epoch_order, optimizer_steps, steps_per_epoch
+from src.batching import (
+    MicroBatch,
+    Row,
+    StepPlan,
+    collate,
+    epoch_order,
+    forward_groups,
+    optimizer_steps,
+    steps_per_epoch,
+)
 from src.config import TrainConfig
 from src.distributed import World, sum_over_ranks
 from src.log import Stopwatch, format_duration, log
 from src.prompt_format import IGNORE_INDEX, encode_chat_prompt, encode_preformatted, is_preformatted
 
-LOGITS_CHUNK = 4096  # supervised positions per slice of the vocabulary projection
+LOGITS_CHUNK = 1024  # supervised positions per slice of the vocabulary projection
+CPU_FORWARD_TOKENS = 1024  # tokens per forward pass on a CPU (see batching.forward_groups)
 WARMUP_SHARE = 0.03
 MIN_LR_SHARE = 0.1
 MAX_GRAD_NORM = 1.0
@@ -38,7 +49,15 @@ class TrainResult:
     train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     validation_answers: list[str] = field(default_factory=list)
+    step_timings: list[tuple[int, float]] = field(default_factory=list)  # (real tokens, seconds)
     seconds: float = 0.0
+
+    def record_step(self, plan: StepPlan, loss: float, seconds: float) -> None:
+        self.steps += 1
+        self.tokens_trained += plan.num_tokens
+        self.targets_trained += plan.num_targets
+        self.train_losses.append((self.steps, loss))
+        self.step_timings.append((plan.num_tokens, seconds))
 
 
 def train_adapter(
@@ -64,6 +83,7 @@ def train_adapter(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
     progress = _Progress(total_steps)
     result = TrainResult()
+    forward_tokens = CPU_FORWARD_TOKENS if device.type == "cpu" else None
     log(
         f"training: {total_steps} optimizer steps over {config.num_train_epochs} epoch(s), "
         f"{sum(p.numel() for p in parameters):,} trainable parameters"
@@ -78,14 +98,16 @@ def train_adapter(
             world.rank,
             world.size,
         ):
-            batches = [collate(rows) for rows in plan.micro_batches]
+            started = time.perf_counter()
+            batches = [
+                collate(group)
+                for rows in plan.micro_batches
+                for group in forward_groups(rows, forward_tokens)
+            ]
             lr = scheduler.get_last_lr()[0]
             loss = _optimizer_step(model, batches, plan.num_targets, optimizer, device, world)
             scheduler.step()
-            result.steps += 1
-            result.tokens_trained += plan.num_tokens
-            result.targets_trained += plan.num_targets
-            result.train_losses.append((result.steps, loss))
+            result.record_step(plan, loss, time.perf_counter() - started)
             progress.step(result, lr, epoch)
         if world.is_main:
             _end_of_epoch(model, tokenizer, validation_rows, config, device, result, epoch)

@@ -140,7 +140,7 @@ def log_packing(config: TrainConfig, stats: PackingStats) -> None:
     mode = "wrapped" if config.wrap_packed_sequences else "packed"
     log(
         f"packing: {mode} into {stats.rows} rows of up to {config.chunk_size} tokens, "
-        f"efficiency {stats.efficiency:.1%}, padding {1 - stats.efficiency:.1%}"
+        f"efficiency {stats.efficiency:.1%} (real tokens / row slots); no padding is computed"
     )
     if stats.truncated_examples:
         log(

@@ -65,18 +65,25 @@ def test_tokens_in_are_tokens_trained(pack, wrap):
     assert batch.num_targets == supervised
 
 
-def test_collate_isolates_segments_and_pads_as_a_segment():
-    examples = make_examples([3, 4])
-    rows, _ = build_rows(examples, pack=True, wrap=False, chunk_size=8)
-    batch = collate([*rows, build_rows(make_examples([2]), False, False, 8)[0][0]])
-    assert batch.input_ids.shape == (2, 7)
-    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 0, 1, 2]
-    assert batch.position_ids[1].tolist() == [0, 1, 0, 1, 2, 3, 4]
+def test_collate_lays_rows_end_to_end_with_restarting_positions():
+    rows, _ = build_rows(make_examples([3, 4]), pack=True, wrap=False, chunk_size=8)
+    single, _ = build_rows(make_examples([2]), pack=False, wrap=False, chunk_size=8)
+    batch = collate([*rows, *single])
+    assert batch.input_ids.shape == (1, 9)  # no padding
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     # The last token of each segment predicts nothing (no target across a boundary).
     first = rows[0].segments[0].input_ids
     assert batch.targets[0, : len(first)].tolist() == [*first[1:], IGNORE_INDEX]
-    assert batch.targets[1, 2:].tolist() == [IGNORE_INDEX] * 5
-    assert batch.num_targets == 2 + 3 + 1 and batch.num_real_tokens == 9
+    assert batch.num_targets == 3 + 2 + 1 == sum(r.num_targets for r in [*rows, *single])
+    assert batch.num_real_tokens == 9
+
+
+def test_wrapped_fragments_carry_the_next_label():
+    rows, _ = build_rows(make_examples([6]), pack=True, wrap=True, chunk_size=4)
+    first, second = collate(rows[:1]), collate(rows[1:])
+    ids = rows[0].segments[0].input_ids + rows[1].segments[0].input_ids
+    assert first.targets[0].tolist() == ids[1:5]  # the 4th position predicts the 5th token
+    assert second.targets[0].tolist() == [ids[5], IGNORE_INDEX]
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():

@@ -1,0 +1,79 @@
+"""What the benchmarks share: the synthetic data set, the model, the machine's peak, memory."""
+
+import json
+import math
+import platform
+import random
+import resource
+import time
+from pathlib import Path
+
+from src.data import Example
+from src.prompt_format import IGNORE_INDEX, TokenizedExample
+
+MIN_TOKENS, MAX_TOKENS = 20, 2000
+MEDIAN_TOKENS, SIGMA = 250, 0.9  # log-normal: most rows short, a long tail to 2,000
+
+
+def mixed_lengths(count: int, seed: int = 0, median: int = MEDIAN_TOKENS) -> list[int]:
+    """Row lengths drawn log-normal, clipped to [20, 2000] tokens: a realistic spread."""
+    rng = random.Random(seed)
+    lengths = [round(rng.lognormvariate(math.log(median), SIGMA)) for _ in range(count)]
+    return [min(MAX_TOKENS, max(MIN_TOKENS, n)) for n in lengths]
+
+
+def synthetic_examples(lengths: list[int], seed: int = 0) -> list[Example]:
+    """Text rows of random tokens (BOS first, EOS last), every token trained, as {"text": ...}."""
+    rng = random.Random(seed)
+    examples = []
+    for number, length in enumerate(lengths, start=1):
+        ids = [1, *(rng.randrange(3, 32000) for _ in range(length - 2)), 2]
+        tokens = TokenizedExample(ids, [IGNORE_INDEX, *ids[1:]])
+        examples.append(Example(f"row {number}", tokens))
+    return examples
+
+
+def peak_matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matrix-multiply throughput: the best of a few square products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def training_flops_per_token(config: dict, mean_context: float) -> float:
+    """LoRA training FLOPs per token: 4 x matmul parameters (forward, and backward through the
+    frozen weights) plus attention (forward 4 x context x width per layer, backward twice)."""
+    width, layers = config["hidden_size"], config["num_hidden_layers"]
+    per_layer = 4 * width * width + 3 * width * config["intermediate_size"]
+    matmul_parameters = layers * per_layer + width * config["vocab_size"]  # + the LM head
+    attention = 3 * 4 * mean_context * width * layers
+    return 4 * matmul_parameters + attention
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    import torch
+
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def emit(result: dict) -> None:
+    """A worker's result, on the last line of its stdout, for bench.run to read."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def model_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())

@@ -1,0 +1,163 @@
+"""All CPU benchmarks in one run: training throughput, data pipeline, inference.
+
+    python -m bench.run            # the full run (about 15 minutes on 2 cores)
+    python -m bench.run --smoke    # seconds: tiny sizes, so that the harness cannot rot (CI)
+
+Each measurement runs in its own process, so that its peak memory is its own (the smoke run
+stays in one process). Writes results.json and results.md into --out.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import inference, pipeline, training
+from bench.common import machine, model_config, peak_matmul_gflops, training_flops_per_token
+from tools.tiny_model import build_tiny_llama
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PIPELINE_MEDIANS = (250, 40)  # tokens per row: the training set's spread, and chat-sized rows
+FULL = {
+    "train_model": "100m",
+    "train_rows": 48,
+    "chunk_size": 2048,
+    "pipeline_rows": 100_000,
+    "inference_models": ("tiny", "100m"),
+    "new_tokens": 64,
+}
+SMOKE = {
+    "train_model": "tiny",
+    "train_rows": 8,
+    "chunk_size": 256,
+    "pipeline_rows": 400,
+    "inference_models": ("tiny",),
+    "new_tokens": 4,
+}
+
+
+def run(smoke: bool, out: Path) -> dict:
+    sizes = SMOKE if smoke else FULL
+    models = {
+        size: model_dir(out, size) for size in {sizes["train_model"], *sizes["inference_models"]}
+    }
+    measure = _in_process if smoke else _in_subprocess
+    results: dict = {
+        "machine": machine(),
+        "smoke": smoke,
+        "peak_matmul_gflops": peak_matmul_gflops(),
+    }
+    train_dir = models[sizes["train_model"]]
+    results["training"] = [
+        measure(training, [stack, str(train_dir), "--rows", str(sizes["train_rows"]),
+                           "--chunk-size", str(sizes["chunk_size"])],
+                lambda stack=stack: training.measure(stack, train_dir, sizes["train_rows"],
+                                                     sizes["chunk_size"]))
+        for stack in training.STACKS
+    ]  # fmt: skip
+    add_ratios_and_mfu(results, model_config(train_dir))
+    results["pipeline"] = [
+        measure(pipeline, ["--rows", str(sizes["pipeline_rows"]), "--median-tokens", str(median)],
+                lambda median=median: pipeline.measure(sizes["pipeline_rows"], median))
+        for median in PIPELINE_MEDIANS
+    ]  # fmt: skip
+    results["inference"] = {
+        size: measure(inference, [str(models[size]), "--new-tokens", str(sizes["new_tokens"])],
+                      lambda size=size: inference.measure(models[size], sizes["new_tokens"]))
+        for size in sizes["inference_models"]
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    return results
+
+
+def model_dir(out: Path, size: str) -> Path:
+    folder = out / "models" / size
+    if not (folder / "config.json").is_file():
+        build_tiny_llama(folder, size=size)
+    return folder
+
+
+def _in_process(module, args: list[str], call) -> dict:
+    return call()
+
+
+def _in_subprocess(module, args: list[str], call) -> dict:
+    command = [sys.executable, "-m", module.__name__, *args]
+    done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(
+            f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def add_ratios_and_mfu(results: dict, config: dict) -> None:
+    reference = next(r for r in results["training"] if r["stack"] == "reference")
+    for result in results["training"]:
+        flops = training_flops_per_token(config, result["mean_context"])
+        achieved = result["tokens_per_second"] * flops / 1e9
+        result["vs_reference"] = result["tokens_per_second"] / reference["tokens_per_second"]
+        result["achieved_gflops"] = achieved
+        result["mfu"] = achieved / results["peak_matmul_gflops"]
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"Machine: {results['machine']}; measured fp32 matmul peak "
+        f"{results['peak_matmul_gflops']:.0f} GFLOP/s.",
+        "",
+        "| training stack | real tokens/s | vs reference | padding | MFU | peak RSS |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["training"]:
+        lines.append(
+            f"| {r['stack']} | {r['tokens_per_second']:.0f} | {r['vs_reference']:.2f}x | "
+            f"{r['padding_share']:.0%} | {r['mfu']:.0%} | {r['peak_rss_mib'] / 1024:.1f} GiB |"
+        )
+    lines += [
+        "",
+        "| data pipeline (median row) | rows | tokens | rows/s | read s | tokenize s | pack s "
+        "| peak RSS (half, all) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in results["pipeline"]:
+        lines.append(
+            f"| {p['median_tokens']} tokens | {p['rows']:,} | {p['tokens']:,} | "
+            f"{p['rows_per_second']:,.0f} | {p['read_seconds']:.1f} | "
+            f"{p['tokenize_seconds']:.1f} | {p['pack_seconds']:.1f} | "
+            f"{p['peak_rss_mib_at']['half'] / 1024:.1f}, "
+            f"{p['peak_rss_mib_at']['all'] / 1024:.1f} GiB |"
+        )
+    lines += [
+        "",
+        "| inference model | predictor TTFT | generate TTFT | predictor decode | generate decode "
+        "| swap cold | swap warm |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for size, r in results["inference"].items():
+        lines.append(
+            f"| {size} (hidden {r['hidden_size']}) | "
+            f"{r['predictor']['time_to_first_token'] * 1000:.0f} ms | "
+            f"{r['generate']['time_to_first_token'] * 1000:.0f} ms | "
+            f"{r['predictor']['decode_tokens_per_second']:.1f} tok/s | "
+            f"{r['generate']['decode_tokens_per_second']:.1f} tok/s | "
+            f"{r['adapter_swap_cold_seconds'] * 1000:.0f} ms | "
+            f"{r['adapter_swap_warm_seconds'] * 1000:.0f} ms |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=PROJECT_DIR / "bench" / "results")
+    args = parser.parse_args()
+    print(markdown(run(args.smoke, args.out)))
+
+
+if __name__ == "__main__":
+    main()
