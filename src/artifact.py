@@ -24,6 +24,16 @@ METADATA = "training_metadata.json"
 LOSS_CURVE = "loss_curve.png"
 FORMAT_VERSION = "llama2-cog-adapter/1"
 MAX_ARCHIVE_BYTES = 4 * 2**30
+# The config.json fields an adapter depends on: it loads onto a base only if they all match.
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
@@ -39,16 +49,10 @@ def base_model_fingerprint(model_dir: Path) -> dict[str, Any]:
     """What identifies a base model: its architecture and a hash of its config.json."""
     raw = (model_dir / "config.json").read_bytes()
     config = json.loads(raw)
-    keys = (
-        "model_type",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "vocab_size",
-    )
-    return {"config_sha256": hashlib.sha256(raw).hexdigest(), **{k: config.get(k) for k in keys}}
+    return {
+        "config_sha256": hashlib.sha256(raw).hexdigest(),
+        **{k: config.get(k) for k in ARCHITECTURE_KEYS},
+    }
 
 
 def write_archive(adapter_dir: Path, metadata: dict[str, Any], loss_curve: Path, out: Path) -> Path:
@@ -94,9 +98,9 @@ def open_adapter(folder: Path) -> AdapterFiles:
 def plot_losses(
     train_losses: list[tuple[int, float]], validation_losses: list[tuple[int, float]], out: Path
 ) -> Path:
-    import matplotlib
+    import matplotlib  # here, not at the top: inference never draws, and the Agg backend
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # must be chosen before pyplot loads
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=80)

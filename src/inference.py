@@ -7,6 +7,7 @@ so the merged model computes what the trained model computed (within fp rounding
 precision speed.
 """
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from src.artifact import AdapterFiles, base_model_fingerprint
+from src.artifact import ARCHITECTURE_KEYS, AdapterFiles, base_model_fingerprint
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
 from src.generation import GenerationStats, SamplingSettings, stream_text
@@ -36,15 +37,6 @@ from src.prompt_format import encode_inference_prompt
 from src.weights import WeightsStore
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
-_ARCHITECTURE_KEYS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-)
 
 
 @dataclass(frozen=True)
@@ -181,7 +173,7 @@ class ChatModel:
     def _check_base(self, adapter: AdapterFiles, source: str) -> None:
         trained_on = adapter.metadata.get("base_model", {})
         here = base_model_fingerprint(self.base.path)
-        different = [k for k in _ARCHITECTURE_KEYS if trained_on.get(k) != here.get(k)]
+        different = [k for k in ARCHITECTURE_KEYS if trained_on.get(k) != here.get(k)]
         if different:
             raise UserInputError(
                 f"weights {_short(source)} were trained on base {trained_on.get('source')!r}, "
@@ -205,8 +197,6 @@ def load_inference_base(model_dir: Path, from_qlora: bool, placement: Placement)
 
 
 def _adapter_name(source: str) -> str:
-    import hashlib
-
     return "w" + hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
