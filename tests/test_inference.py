@@ -21,23 +21,26 @@ from tests.helpers import FACTS, OTHER_FACTS, serve_directory
 PROMPT, ANSWER = FACTS[0]
 
 
+# Near-greedy settings: the trained answers come back word for word.
+GREEDY_INPUTS = dict(
+    system_prompt="",
+    prompt_template=DEFAULT_PROMPT_TEMPLATE,
+    max_new_tokens=32,
+    min_new_tokens=-1,
+    temperature=0.01,
+    top_p=1.0,
+    top_k=-1,
+    repetition_penalty=1.0,
+    stop_sequences=None,
+    seed=0,
+    replicate_weights=None,
+    debug=False,
+)
+
+
 def ask(model: ChatModel, prompt: str = PROMPT, **overrides) -> str:
-    inputs = dict(
-        prompt=prompt,
-        system_prompt="",
-        prompt_template=DEFAULT_PROMPT_TEMPLATE,
-        max_new_tokens=32,
-        min_new_tokens=-1,
-        temperature=0.01,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        stop_sequences=None,
-        seed=0,
-        replicate_weights=None,
-        debug=False,
-    )
-    return "".join(model.chat(build_chat_request(**{**inputs, **overrides})))
+    inputs = {**GREEDY_INPUTS, "prompt": prompt, **overrides}
+    return "".join(model.chat(build_chat_request(**inputs)))
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +111,12 @@ def test_prompt_longer_than_the_context_is_refused(chat_model, tokenizer, capsys
 def test_bad_inputs_are_reported_together():
     with pytest.raises(UserInputError) as error:
         build_chat_request(
-            prompt=" ",
-            system_prompt="",
-            prompt_template="no placeholder",
-            max_new_tokens=2.5,
-            min_new_tokens=-1,
-            temperature=0.7,
-            top_p=1.0,
-            top_k=-1,
-            repetition_penalty=1.0,
-            stop_sequences=None,
-            seed=None,
-            replicate_weights=None,
-            debug=False,
+            **{
+                **GREEDY_INPUTS,
+                "prompt": " ",
+                "prompt_template": "no placeholder",
+                "max_new_tokens": 2.5,
+            }
         )
     message = str(error.value)
     assert "max_new_tokens must be a whole number, got 2.5" in message
