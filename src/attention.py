@@ -3,41 +3,102 @@
 A row holds segments (examples, or fragments of them) whose position ids restart at 0. The
 usual way to isolate them, a block-diagonal mask over the whole row, makes PyTorch's sdpa fall
 back to its math kernel, which stores a (heads, L, L) score matrix per layer for the backward
-pass: memory and time grow with the square of the row length. Here each segment goes through
-sdpa on its own with `is_causal=True`, which the fused (flash) kernels serve on CPU and GPU
-alike: the cost is the sum of the segments' squares, and padding is never needed. This is
-the varlen attention of FlashAttention-2, written with PyTorch's kernels; where
-flash-attn is installed on a GPU, src/modeling.py uses it instead.
+pass: memory and time grow with the square of the row length. Here the segments never meet:
 
-Decoding with the KV cache (one query position) attends to the whole cache, as plain sdpa does.
+- on a GPU, PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`) takes the
+  whole row with the cumulative segment lengths, built once per micro-batch in
+  src/batching.collate, so no layer waits for the host;
+- elsewhere (CPU, fp32, or a torch without the kernel), the row is split into its segments
+  with `torch.split` and each goes through sdpa with `is_causal=True`. (Slicing instead of
+  splitting makes autograd allocate a zero-filled full-size gradient per slice: ten times
+  slower on a CPU.)
+
+Where flash-attn is installed on a GPU, src/modeling.py selects transformers' own
+flash_attention_2 instead. Decoding with the KV cache (one query position) attends to the
+whole cache, as plain sdpa does.
 """
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-NAME = "segmented_sdpa"
+NAME = "packed_sdpa"
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def segment_bounds(positions: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each run of position ids that starts at 0, for one row."""
+@dataclass(frozen=True)
+class PackedSegments:
+    """Where the segments of a micro-batch (1, N) start and end, on the host and the device."""
+
+    lengths: tuple[int, ...]
+    cu_seqlens: torch.Tensor  # (S + 1,) int32: 0, then the running sum of the lengths
+    max_length: int
+
+    @classmethod
+    def of(cls, lengths: list[int] | tuple[int, ...], device: torch.device) -> "PackedSegments":
+        bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cls(tuple(lengths), bounds.to(device, non_blocking=True), max(lengths))
+
+
+def segment_lengths(positions: torch.Tensor) -> list[int]:
+    """Lengths of the runs of position ids that start at 0, for one row (syncs with the host)."""
     starts = (positions == 0).nonzero().flatten().tolist()
     if not starts or starts[0] != 0:
         starts = [0, *starts]
-    return list(zip(starts, [*starts[1:], positions.numel()], strict=True))
+    ends = [*starts[1:], positions.numel()]
+    return [end - start for start, end in zip(starts, ends, strict=True)]
 
 
-def segmented_sdpa(
+def varlen_causal_kwargs(function: Callable[..., torch.Tensor]) -> dict[str, object] | None:
+    """How this torch's varlen_attn asks for causal attention: torch 2.11 takes `is_causal`,
+    2.13 `window_size=(-1, 0)` (a tuple: a list silently means non-causal). None: neither."""
+    parameters = inspect.signature(function).parameters
+    if "window_size" in parameters:
+        return {"window_size": (-1, 0)}
+    if "is_causal" in parameters:
+        return {"is_causal": True}
+    return None
+
+
+@functools.cache
+def causal_varlen_kernel() -> Callable[..., torch.Tensor] | None:
+    """varlen_attn with causal attention set, or None where torch has no usable one."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    causal = varlen_causal_kwargs(varlen_attn)
+    return None if causal is None else functools.partial(varlen_attn, **causal)
+
+
+def varlen_supported(query: torch.Tensor) -> bool:
+    """The flash kernel needs CUDA compute capability 8.0+ and half precision."""
+    return (
+        query.is_cuda
+        and query.dtype in VARLEN_DTYPES
+        and torch.cuda.get_device_capability(query.device)[0] >= 8
+        and causal_varlen_kernel() is not None
+    )
+
+
+def packed_sdpa(
     module: torch.nn.Module,
-    query: torch.Tensor,  # (B, H, L, D)
-    key: torch.Tensor,  # (B, H_kv, S, D)
+    query: torch.Tensor,  # (1, H, L, D)
+    key: torch.Tensor,  # (1, H_kv, S, D)
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     position_ids: torch.Tensor | None = None,
+    packed_segments: PackedSegments | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface; returns (1, L, H, D)."""
     if attention_mask is not None:
         raise ValueError(f"{NAME} takes no attention mask: rows are isolated by position ids")
     gqa = query.shape[1] != key.shape[1]
@@ -46,26 +107,52 @@ def segmented_sdpa(
         if q_length != 1:
             raise ValueError(f"{NAME} decodes one position at a time with the KV cache")
         output = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
-        return output.transpose(1, 2).contiguous(), None
-    if position_ids is None:
-        position_ids = torch.arange(q_length, device=query.device).expand(query.shape[0], -1)
-    rows = []
-    for row in range(query.shape[0]):
-        pieces = [
-            F.scaled_dot_product_attention(
-                query[row : row + 1, :, start:end],
-                key[row : row + 1, :, start:end],
-                value[row : row + 1, :, start:end],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-            for start, end in segment_bounds(position_ids[row])
-        ]
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    output = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]  # (B, H, L, D)
-    return output.transpose(1, 2).contiguous(), None
+        return output.transpose(1, 2), None
+    if query.shape[0] != 1:
+        raise ValueError(f"{NAME} takes micro-batches laid end to end, shape (1, N)")
+    if packed_segments is None:  # a caller that did not collate: read the segments here
+        lengths = [q_length] if position_ids is None else segment_lengths(position_ids[0])
+        packed_segments = PackedSegments.of(lengths, query.device)
+    if dropout == 0.0 and varlen_supported(query):
+        return _varlen(query, key, value, packed_segments, scaling), None
+    return _split(query, key, value, packed_segments.lengths, dropout, scaling, gqa), None
 
 
-AttentionInterface.register(NAME, segmented_sdpa)
+def _varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: PackedSegments,
+    scaling: float | None,
+) -> torch.Tensor:
+    if query.shape[1] != key.shape[1]:
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    kernel = causal_varlen_kernel()
+    assert kernel is not None
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D)
+    bounds, longest = segments.cu_seqlens, segments.max_length
+    output = kernel(q, k, v, bounds, bounds, longest, longest, scale=scaling)
+    return output.unsqueeze(0)  # (1, L, H, D)
+
+
+def _split(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: tuple[int, ...],
+    dropout: float,
+    scaling: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    pieces = [
+        F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+        for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
+    ]
+    output = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]  # (1, H, L, D)
+    return output.transpose(1, 2)
+
+
+AttentionInterface.register(NAME, packed_sdpa)

@@ -68,6 +68,7 @@ class MicroBatch:
     targets: torch.Tensor  # (1, N), the token to predict at each position, or IGNORE_INDEX
     num_targets: int
     num_real_tokens: int
+    segment_lengths: tuple[int, ...]  # for the attention (src/attention.PackedSegments)
 
 
 def build_rows(
@@ -212,8 +213,10 @@ def collate(rows: list[Row]) -> MicroBatch:
     input_ids: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
+    lengths: list[int] = []
     for row in rows:
         for segment in row.segments:
+            lengths.append(len(segment.input_ids))
             input_ids += segment.input_ids
             positions += range(len(segment.input_ids))
             # Position i predicts token i + 1 of the same example; the last position of a
@@ -226,4 +229,5 @@ def collate(rows: list[Row]) -> MicroBatch:
         targets=targets_tensor,
         num_targets=int((targets_tensor != IGNORE_INDEX).sum()),
         num_real_tokens=len(input_ids),
+        segment_lengths=tuple(lengths),
     )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from src.attention import PackedSegments
 from src.batching import (
     MicroBatch,
     Row,
@@ -166,8 +167,9 @@ def supervised_loss_sum(model: PeftModel, batch: MicroBatch, device: torch.devic
     hidden = causal_lm.model(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
+        packed_segments=PackedSegments.of(batch.segment_lengths, device),
         use_cache=False,
-    ).last_hidden_state  # (B, L, H)
+    ).last_hidden_state  # (1, N, H)
     targets = batch.targets.to(device)
     supervised = targets != IGNORE_INDEX
     states, labels = hidden[supervised], targets[supervised]  # (T, H), (T,)
