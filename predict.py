@@ -59,8 +59,10 @@ class Predictor(BaseRunner):
             default=None,
         ),
         seed: int | None = Input(
-            description="Random seed. Leave blank to randomize the seed.",
+            description="Random seed. Leave blank to randomize the seed. Any signed 64-bit integer.",
             default=None,
+            ge=-9223372036854775808,
+            le=9223372036854775807,
         ),
         debug: bool = Input(
             description="Log timings and token counts in the prediction's logs.",

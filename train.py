@@ -86,8 +86,10 @@ def train(
         choices=["lora", "qlora"],
     ),
     seed: int = Input(
-        description="Random seed to use for training.",
+        description="Random seed to use for training: LoRA initialisation, dropout and data order. Any signed 64-bit integer.",
         default=42,
+        ge=-9223372036854775808,
+        le=9223372036854775807,
     ),
     lora_rank: int = Input(
         description="Rank of the LoRA matrices.",

@@ -129,8 +129,6 @@ def measure(stack: str, model_dir: Path, rows: int, chunk_size: int = CHUNK_SIZE
         timings, slots = run_core(model_dir, examples, stack == "core-packed", chunk_size)
     timed = timings[1:]  # the first step warms up
     real_tokens = sum(len(e) for e in examples)
-    if stack == "core-packed":
-        real_tokens -= sum(max(0, len(e) - chunk_size) for e in examples)  # truncated
     return {
         "stack": stack,
         "steps": len(timings),

@@ -17,6 +17,7 @@ import torch
 
 from src.data import Example
 from src.prompt_format import IGNORE_INDEX, TokenizedExample
+from src.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,6 @@ class PackingStats:
     rows: int
     real_tokens: int
     slots: int  # rows x chunk_size when packing, real tokens otherwise
-    truncated_examples: int
-    truncated_tokens: int
 
     @property
     def efficiency(self) -> float:
@@ -74,26 +73,23 @@ class MicroBatch:
 def build_rows(
     examples: list[Example], pack: bool, wrap: bool, chunk_size: int
 ) -> tuple[list[Row], PackingStats]:
-    """Rows for training: one per example, packed best-fit-decreasing, or wrapped."""
+    """Rows for training: one per example, packed best-fit-decreasing, or wrapped.
+
+    Packing without wrap takes examples of at most `chunk_size` tokens (longer ones are a
+    user error, raised with their lines by src.data.check_lengths before this runs).
+    """
     segments = [Segment.of(e.tokens) for e in examples]
     real = sum(len(s.input_ids) for s in segments)
     if not pack:
-        return [Row((s,)) for s in segments], PackingStats(len(segments), real, real, 0, 0)
+        return [Row((s,)) for s in segments], PackingStats(len(segments), real, real)
     if wrap:
         rows = _wrap(segments, chunk_size)
-        return rows, PackingStats(len(rows), real, len(rows) * chunk_size, 0, 0)
-    truncated = [s for s in segments if len(s.input_ids) > chunk_size]
-    cut = sum(len(s.input_ids) - chunk_size for s in truncated)
-    segments = [_truncate(s, chunk_size) for s in segments]
+        return rows, PackingStats(len(rows), real, len(rows) * chunk_size)
+    longest = max((len(s.input_ids) for s in segments), default=0)
+    if longest > chunk_size:
+        raise ValueError(f"an example of {longest} tokens does not fit chunk_size {chunk_size}")
     rows = _best_fit_decreasing(segments, chunk_size)
-    stats = PackingStats(len(rows), real - cut, len(rows) * chunk_size, len(truncated), cut)
-    return rows, stats
-
-
-def _truncate(segment: Segment, limit: int) -> Segment:
-    if len(segment.input_ids) <= limit:
-        return segment
-    return Segment(segment.input_ids[:limit], segment.labels[:limit])
+    return rows, PackingStats(len(rows), real, len(rows) * chunk_size)
 
 
 def _best_fit_decreasing(segments: list[Segment], capacity: int) -> list[Row]:
@@ -139,7 +135,7 @@ def _wrap(segments: list[Segment], chunk_size: int) -> list[Row]:
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
     """A permutation that depends on the seed and the epoch only."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "data order", epoch))
     return torch.randperm(num_rows, generator=generator).tolist()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from src.errors import raise_all
 from src.inputs import as_float, as_int
+from src.seeds import SEED_MAX, SEED_MIN
 
 PEFT_METHODS = ("lora", "qlora")
 
@@ -113,6 +114,8 @@ def _cross_checks(v: dict[str, Any]) -> list[str]:
         problems.append(
             f"peft_method must be one of {', '.join(PEFT_METHODS)}, got {v['peft_method']!r}"
         )
+    if not SEED_MIN <= v["seed"] <= SEED_MAX:
+        problems.append(f"seed must be a signed 64-bit integer, got {v['seed']}")
     if v["wrap_packed_sequences"] and not v["pack_sequences"]:
         problems.append("wrap_packed_sequences=true needs pack_sequences=true")
     return problems

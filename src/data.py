@@ -19,6 +19,7 @@ from src.prompt_format import (
 )
 
 KNOWN_FIELDS = {"text", "prompt", "completion", "system"}
+UTF8_BOM = b"\xef\xbb\xbf"  # what some editors write at the start of a UTF-8 file
 MAX_VALIDATION_SHARE = 5  # never hold out more than a fifth of the training rows
 
 
@@ -54,9 +55,10 @@ class TrainingData:
 
 def read_jsonl(path: Path, name: str) -> list[Row]:
     """Read and check every line; raise one UserInputError listing every bad line."""
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(UTF8_BOM)
     if not data.strip():
         raise UserInputError(f"{name} ({path.name}) is empty: it needs one JSON object per line")
+    _refuse_json_array(data, name, path)
     rows: list[Row] = []
     problems: list[str] = []
     unknown: set[str] = set()
@@ -78,6 +80,22 @@ def read_jsonl(path: Path, name: str) -> list[Row]:
     if unknown:
         log(f"{name}: ignoring unknown field(s) {', '.join(sorted(unknown))}")
     return rows
+
+
+def _refuse_json_array(data: bytes, name: str, path: Path) -> None:
+    """A file that is one JSON array of rows, a common mistake, gets one error that says so."""
+    if not data.lstrip().startswith(b"["):
+        return
+    try:
+        whole = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # not one array: the line-by-line checks say what is wrong
+    if isinstance(whole, list):
+        raise UserInputError(
+            f"{name} ({path.name}) is one JSON array of {len(whole)} rows, not JSONL: write "
+            f"one JSON object per line, without the enclosing [ ] (for example with "
+            f"`jq -c '.[]' {path.name} > data.jsonl`)"
+        )
 
 
 def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -> Row | None:
@@ -166,11 +184,19 @@ def tokenize_rows(rows: list[Row], tokenizer: Tokenizer) -> list[Example]:
     return [Example(r.where, by_row[id(r)]) for r in rows]
 
 
-def check_lengths(examples: list[Example], limit: int, what: str) -> None:
-    """Rows longer than `limit` tokens are an error naming each of them."""
+def check_lengths(examples: list[Example], limit: int, reason: str) -> None:
+    """Rows longer than `limit` tokens are an error naming each of them; `reason` names the
+    limit and what to do, as in "longer than chunk_size 2048: raise chunk_size ..."."""
     problems = [
-        f"{e.where}: {len(e)} tokens, longer than {what} of {limit} tokens"
-        for e in examples
-        if len(e) > limit
+        f"{e.where}: {len(e):,} tokens, longer than {reason}" for e in examples if len(e) > limit
     ]
     raise_all(problems, f"{len(problems)} row(s) are too long:")
+
+
+def check_supervised(examples: list[Example], name: str) -> None:
+    """A set with no token to train on would train (or validate) on nothing: an error."""
+    if examples and not any(e.tokens.num_supervised for e in examples):
+        raise UserInputError(
+            f"{name}: none of its {len(examples)} rows has a token to train on (the loss is "
+            f"taken on completions and text rows only)"
+        )

@@ -21,6 +21,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from src.seeds import derive_seed
+
 REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 byte sequence decodes to
 
 
@@ -47,6 +49,19 @@ def logits_processors(settings: SamplingSettings) -> LogitsProcessorList:
     return processors
 
 
+def sampling_distribution(
+    scores: torch.Tensor,  # (1, V) float logits of the next token
+    ids: torch.Tensor,  # (1, T) every token so far, for the repetition penalty
+    processors: LogitsProcessorList,
+    suppress_eos: bool,
+    eos_token_id: int,
+) -> torch.Tensor:
+    """The probabilities (1, V) that the next token is drawn from."""
+    if suppress_eos:  # min_new_tokens not reached yet
+        scores[:, eos_token_id] = -float("inf")
+    return processors(ids, scores).softmax(dim=-1)
+
+
 @torch.inference_mode()
 def sample_tokens(
     model: PreTrainedModel, prompt_ids: list[int], settings: SamplingSettings, eos_token_id: int
@@ -57,18 +72,21 @@ def sample_tokens(
     if settings.seed is None:
         generator.seed()  # fresh entropy; the global RNG is left alone
     else:
-        generator.manual_seed(settings.seed)
+        generator.manual_seed(derive_seed(settings.seed, "sampling"))
     processors = logits_processors(settings)
     ids = torch.tensor([prompt_ids], device=device)  # (1, T): all tokens so far
     cache = DynamicCache()
     step_input = ids
     for produced in range(settings.max_new_tokens):
         logits = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1).logits
-        scores = logits[:, -1, :].float()  # (1, V)
-        if produced < settings.min_new_tokens:
-            scores[:, eos_token_id] = -float("inf")
-        scores = processors(ids, scores)
-        token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)  # (1, 1)
+        probabilities = sampling_distribution(
+            logits[:, -1, :].float(),
+            ids,
+            processors,
+            suppress_eos=produced < settings.min_new_tokens,
+            eos_token_id=eos_token_id,
+        )
+        token = torch.multinomial(probabilities, 1, generator=generator)  # (1, 1)
         if token.item() == eos_token_id:
             return
         yield int(token.item())

@@ -34,6 +34,7 @@ from src.modeling import (
     quiet_peft,
 )
 from src.prompt_format import encode_inference_prompt
+from src.seeds import SEED_MAX, SEED_MIN
 from src.weights import WeightsStore
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
@@ -233,6 +234,8 @@ def build_chat_request(
         repetition_penalty=as_float("repetition_penalty", repetition_penalty, problems),
         seed=None if seed is None else as_int("seed", seed, problems),
     )
+    if settings.seed is not None and not SEED_MIN <= settings.seed <= SEED_MAX:
+        problems.append(f"seed must be a signed 64-bit integer, got {settings.seed}")
     if not prompt.strip():
         problems.append("prompt is empty")
     if "{prompt}" not in prompt_template:

@@ -27,6 +27,17 @@ from src import attention
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def lora_parameters(model_config: dict, rank: int) -> int:
+    """Parameters of a rank-`rank` adapter on LORA_TARGET_MODULES of a Llama decoder."""
+    hidden, mlp = model_config["hidden_size"], model_config["intermediate_size"]
+    heads = model_config["num_attention_heads"]
+    kv_width = hidden * model_config.get("num_key_value_heads", heads) // heads
+    # A LoRA pair on a linear of shape (in -> out) has rank x (in + out) parameters.
+    attention = (hidden + hidden) * 2 + (hidden + kv_width) * 2  # q, o; k, v
+    feed_forward = (hidden + mlp) * 3  # gate, up, down
+    return rank * (attention + feed_forward) * model_config["num_hidden_layers"]
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and in which precision the model runs."""
@@ -60,6 +71,9 @@ def context_window(model_dir: Path) -> int:
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # "</s>" written in a user's text is text (src/prompt_format.encode_texts); the wrapper
+    # copies this flag to the Rust tokenizer on every call, so it is set here, where it sticks.
+    tokenizer.split_special_tokens = True
     split_words_for_speed(tokenizer)
     return tokenizer
 
@@ -121,7 +135,22 @@ def add_lora(
         if quantized:
             # Casts norms to fp32 and makes inputs require grad; checkpointing is separate.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            keep_4bit_weights_trainable(model)
         return get_peft_model(model, lora)
+
+
+def keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first forward of a Linear4bit in eval mode without grad (a
+    validation loss, a validation_prompt answer) repacks its weight for a kernel without
+    autograd, for good: training afterwards would run through it, in bf16, with no gradient
+    through the frozen base (the LoRA gradients change completely). bitsandbytes decides this
+    per layer from a flag it sets at construction; a training model never takes that path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ exactly the ids that preceded its completion in training, and so that labels cov
 completion and the EOS.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,27 +21,36 @@ FORMAT_NAME = "llama-2-chat"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 IGNORE_INDEX = -100  # label of a token that is not trained on
+# In a prompt written in chat form, what separates turns: EOS, then BOS (Meta's reference
+# encodes each turn on its own and adds the ids). Anywhere else "<s>" and "</s>" are text.
+TURN_SEPARATOR = re.compile(r"</s>\s*<s>")
 
 
 class Tokenizer(Protocol):
     bos_token_id: int
     eos_token_id: int
 
-    def __call__(self, text: list[str], add_special_tokens: bool) -> dict: ...
+    def __call__(
+        self, text: list[str], add_special_tokens: bool, split_special_tokens: bool
+    ) -> dict: ...
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens, in one batched call.
 
-    Straight to the Rust tokenizer where there is one: the transformers wrapper around it
-    costs more than the tokenization itself on large files.
+    User text is text: "<s>", "</s>" or "<unk>" written in it are encoded as the characters
+    they are, as Meta's sentencepiece reference does, never as control tokens, so a row cannot
+    end its example early. Straight to the Rust tokenizer where there is one: the
+    transformers wrapper around it costs more than the tokenization itself on large files
+    (and resets the flag from its own `split_special_tokens` on every call).
     """
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        backend.encode_special_tokens = True
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +127,16 @@ def is_preformatted(prompt: str) -> bool:
 
 
 def encode_preformatted(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    text = prompt.strip().removeprefix("<s>").lstrip()
-    return [tokenizer.bos_token_id, *encode_texts(tokenizer, [text])[0]]
+    """A prompt the user wrote in chat form, used as is, as Meta's reference encodes a dialog:
+    each turn on its own, BOS before it, EOS after every turn but the last. A leading "<s>"
+    and the "</s><s>" between turns are those ids; every other character is text."""
+    turns = TURN_SEPARATOR.split(prompt.strip().removeprefix("<s>"))
+    ids: list[int] = []
+    for turn in encode_texts(tokenizer, [t.lstrip() for t in turns]):
+        if ids:
+            ids.append(tokenizer.eos_token_id)
+        ids += [tokenizer.bos_token_id, *turn]
+    return ids
 
 
 # The `prompt_template` input of Replicate's llama-2-7b-chat. Left at this default, the prompt
@@ -129,8 +147,11 @@ DEFAULT_PROMPT_TEMPLATE = f"{B_INST} {B_SYS}{{system_prompt}}{E_SYS}{{prompt}} {
 def encode_inference_prompt(
     tokenizer: Tokenizer, prompt: str, system_prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE
 ) -> list[int]:
-    """BOS + the prompt as the model should see it before answering."""
+    """BOS + the prompt as the model should see it before answering. Left at the default
+    template, a prompt already in chat form (a dialog, say) is used as is."""
     if template == DEFAULT_PROMPT_TEMPLATE:
+        if is_preformatted(prompt):
+            return encode_preformatted(tokenizer, prompt)
         return encode_chat_prompt(tokenizer, prompt, system_prompt or None)
     if "{prompt}" not in template:
         raise UserInputError(f"prompt_template must contain {{prompt}}, got {template!r}")

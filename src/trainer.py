@@ -44,7 +44,8 @@ VALIDATION_MAX_NEW_TOKENS = 128
 class TrainResult:
     """What the loop measured, for the logs, the metadata and the loss curve."""
 
-    steps: int = 0
+    steps: int = 0  # optimizer updates made
+    skipped_steps: int = 0  # planned steps without a supervised token: no update
     tokens_trained: int = 0  # real (non-padding) tokens seen, all epochs
     targets_trained: int = 0  # supervised tokens, all epochs
     train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
@@ -52,6 +53,10 @@ class TrainResult:
     validation_answers: list[str] = field(default_factory=list)
     step_timings: list[tuple[int, float]] = field(default_factory=list)  # (real tokens, seconds)
     seconds: float = 0.0
+
+    @property
+    def planned_steps_done(self) -> int:
+        return self.steps + self.skipped_steps
 
     def record_step(self, plan: StepPlan, loss: float, seconds: float) -> None:
         self.steps += 1
@@ -99,6 +104,12 @@ def train_adapter(
             world.rank,
             world.size,
         ):
+            if plan.num_targets == 0:
+                # Possible in wrap mode, where a row can hold only prompt tokens: an update
+                # from nothing would be a loss of 0 and a step of pure weight decay.
+                result.skipped_steps += 1
+                scheduler.step()  # the schedule stays on its plan
+                continue
             started = time.perf_counter()
             batches = [
                 collate(group)
@@ -110,6 +121,11 @@ def train_adapter(
             scheduler.step()
             result.record_step(plan, loss, time.perf_counter() - started)
             progress.step(result, lr, epoch)
+        if result.skipped_steps:
+            log(
+                f"epoch {epoch + 1}: {result.skipped_steps} optimizer step(s) so far had no "
+                f"supervised token (rows of prompt fragments) and made no update"
+            )
         if world.is_main:
             _end_of_epoch(model, tokenizer, validation_rows, config, device, result, epoch)
         progress.resume()
@@ -281,14 +297,15 @@ class _Progress:
         self.last_tokens = 0
 
     def step(self, result: TrainResult, lr: float, epoch: int) -> None:
-        if result.steps % self.every and result.steps != self.total_steps and result.steps != 1:
+        done = result.planned_steps_done
+        if done % self.every and done != self.total_steps and result.steps != 1:
             return
         now = self.clock.elapsed()
         rate = (result.tokens_trained - self.last_tokens) / max(now - self.last_time, 1e-9)
-        eta = now / result.steps * (self.total_steps - result.steps)
+        eta = now / done * (self.total_steps - done)
         loss = result.train_losses[-1][1]
         log(
-            f"step {result.steps}/{self.total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
+            f"step {done}/{self.total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
             f"lr {lr:.2e} | {rate:,.0f} tokens/s | eta {format_duration(eta)}"
         )
         self.last_time, self.last_tokens = now, result.tokens_trained

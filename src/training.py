@@ -1,6 +1,7 @@
 """One training run, top to bottom: data -> base model -> LoRA -> train -> weights archive."""
 
 import gc
+import json
 import platform
 import tempfile
 from pathlib import Path
@@ -10,7 +11,14 @@ import peft
 import torch
 import transformers
 
-from src.artifact import ARCHIVE_NAME, base_model_fingerprint, plot_losses, write_archive
+from src.artifact import (
+    ADAPTER_CONFIG,
+    ARCHIVE_NAME,
+    MAX_ARCHIVE_BYTES,
+    base_model_fingerprint,
+    plot_losses,
+    write_archive,
+)
 from src.base_model import BaseModel, resolve_base_model
 from src.batching import PackingStats, build_rows
 from src.config import TrainConfig
@@ -18,6 +26,7 @@ from src.data import (
     Example,
     TrainingData,
     check_lengths,
+    check_supervised,
     read_jsonl,
     split_validation,
     tokenize_rows,
@@ -26,8 +35,17 @@ from src.distributed import World
 from src.errors import UserInputError
 from src.launcher import data_parallel_processes, launch_workers
 from src.log import Stopwatch, log
-from src.modeling import add_lora, context_window, load_base_model, load_tokenizer, pick_placement
+from src.modeling import (
+    add_lora,
+    context_window,
+    load_base_model,
+    load_tokenizer,
+    lora_parameters,
+    pick_placement,
+    read_model_config,
+)
 from src.prompt_format import FORMAT_NAME, render_user_turn
+from src.seeds import derive_seed
 from src.trainer import TrainResult, train_adapter
 
 
@@ -40,6 +58,7 @@ def run_training(config: TrainConfig) -> Path:
     clock = Stopwatch()
     base = resolve_base_model()
     log(f"base model: {base.source} ({base.path})")
+    check_adapter_size(config, read_model_config(base.path))
     tokenizer = load_tokenizer(base.path)
     data = prepare_examples(config, tokenizer, context_window(base.path))
     processes = data_parallel_processes()
@@ -68,12 +87,12 @@ def train_and_save(
     placement = pick_placement()
     model = None
     try:
-        torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
         model = load_base_model(base.path, config.quantize_4bit, placement)
         log(
             f"loaded {model.num_parameters():,} base parameters on {placement.device} "
             f"({'4-bit NF4' if config.quantize_4bit else placement.dtype})"
         )
+        torch.manual_seed(derive_seed(config.seed, "lora init"))  # the same on every rank
         model = add_lora(
             model,
             config.lora_rank,
@@ -81,6 +100,7 @@ def train_and_save(
             config.lora_dropout,
             quantized=config.quantize_4bit,
         )
+        torch.manual_seed(dropout_seed(config.seed, world.rank))
         result = train_adapter(
             model, tokenizer, train_rows, validation_rows, config, placement.device, world
         )
@@ -92,6 +112,24 @@ def train_and_save(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def check_adapter_size(config: TrainConfig, model_config: dict) -> None:
+    """The adapter (fp32) must fit in a weights archive that predict.py accepts."""
+    per_rank = 4 * lora_parameters(model_config, 1)
+    size = per_rank * config.lora_rank
+    if size > MAX_ARCHIVE_BYTES:
+        raise UserInputError(
+            f"lora_rank {config.lora_rank}: the adapter would be {size / 2**30:.1f} GiB, over "
+            f"the {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB limit of a weights archive; this base "
+            f"model allows lora_rank up to {MAX_ARCHIVE_BYTES // per_rank}"
+        )
+
+
+def dropout_seed(seed: int, rank: int) -> int:
+    """Each rank draws its own dropout masks (the same on every rank would correlate them),
+    and a run with the same seed and number of processes draws the same ones again."""
+    return derive_seed(seed, "dropout", rank)
 
 
 def prepare_examples(config: TrainConfig, tokenizer: Any, max_tokens: int) -> TrainingData:
@@ -114,9 +152,24 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, max_tokens: int) -> Tr
         )
     train_examples = tokenize_rows(rows, tokenizer)
     validation_examples = tokenize_rows(validation, tokenizer)
+    context = f"the model's context window of {max_tokens:,} tokens"
     if not config.pack_sequences:
-        check_lengths(train_examples, max_tokens, "the model's context window")
-    check_lengths(validation_examples, max_tokens, "the model's context window")
+        check_lengths(
+            train_examples,
+            max_tokens,
+            f"{context}: shorten it, or set pack_sequences and wrap_packed_sequences to train "
+            f"it in pieces",
+        )
+    elif not config.wrap_packed_sequences:
+        check_lengths(
+            train_examples,
+            config.chunk_size,
+            f"chunk_size {config.chunk_size:,}: raise chunk_size (up to the model's "
+            f"{max_tokens:,}) or set wrap_packed_sequences",
+        )
+    check_lengths(validation_examples, max_tokens, context)
+    check_supervised(train_examples, "train_data")
+    check_supervised(validation_examples, "the validation rows")
     _log_counts("train", train_examples)
     _log_counts("validation", validation_examples)
     return TrainingData(train_examples, validation_examples)
@@ -142,11 +195,6 @@ def log_packing(config: TrainConfig, stats: PackingStats) -> None:
         f"packing: {mode} into {stats.rows} rows of up to {config.chunk_size} tokens, "
         f"efficiency {stats.efficiency:.1%} (real tokens / row slots); no padding is computed"
     )
-    if stats.truncated_examples:
-        log(
-            f"packing: {stats.truncated_examples} example(s) longer than chunk_size truncated, "
-            f"{stats.truncated_tokens:,} tokens cut"
-        )
 
 
 def save_weights(
@@ -160,6 +208,7 @@ def save_weights(
     out_dir = Path(tempfile.mkdtemp(prefix="llama2-training-"))
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
+    name_the_base_model(adapter_dir / ADAPTER_CONFIG, base.source)
     metadata = {
         "inputs": config.as_json(),
         "peft_method": config.peft_method,
@@ -182,9 +231,18 @@ def save_weights(
     return archive
 
 
+def name_the_base_model(adapter_config: Path, source: str) -> None:
+    """The base's public name (Hub id, URL or the folder the user gave), not a cache path:
+    vLLM, TGI and llama.cpp's LoRA converter read it from adapter_config.json."""
+    values = json.loads(adapter_config.read_text())
+    values["base_model_name_or_path"] = source
+    adapter_config.write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
 def _results(result: TrainResult, stats: PackingStats) -> dict[str, Any]:
     return {
         "optimizer_steps": result.steps,
+        "skipped_steps": result.skipped_steps,
         "final_train_loss": result.train_losses[-1][1] if result.train_losses else None,
         "final_validation_loss": result.validation_losses[-1][1]
         if result.validation_losses

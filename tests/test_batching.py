@@ -33,14 +33,21 @@ def test_best_fit_packing_drops_nothing_and_respects_chunk_size():
     rows, stats = build_rows(examples, pack=True, wrap=False, chunk_size=64)
     assert all(len(r) <= 64 for r in rows)
     assert flat_tokens(rows) == sorted(t for e in examples for t in e.tokens.input_ids)
-    assert stats.real_tokens == sum(lengths) and stats.truncated_tokens == 0
+    assert stats.real_tokens == sum(lengths)
     assert stats.efficiency > 0.95  # best-fit decreasing on small items fills rows nearly full
 
 
-def test_packing_truncates_examples_longer_than_chunk_size():
-    rows, stats = build_rows(make_examples([10, 70]), pack=True, wrap=False, chunk_size=64)
-    assert (stats.truncated_examples, stats.truncated_tokens) == (1, 6)
-    assert sorted(len(r) for r in rows) == [10, 64]
+def test_packing_never_cuts_an_example():
+    with pytest.raises(ValueError, match="70 tokens does not fit chunk_size 64"):
+        build_rows(make_examples([10, 70]), pack=True, wrap=False, chunk_size=64)
+
+
+def test_best_fit_puts_each_example_where_it_fits_tightest():
+    """Capacity 10, lengths 8, 6, 3, 1: first-fit decreasing puts the 1 into the first row
+    with room ([8, 1], [6, 3]); best-fit puts it where the least room is left ([8], [6, 3, 1])."""
+    rows, _ = build_rows(make_examples([3, 8, 1, 6]), pack=True, wrap=False, chunk_size=10)
+    packed = sorted(sorted(len(s.input_ids) for s in row.segments) for row in rows)
+    assert packed == [[1, 3, 6], [8]]
 
 
 def test_wrap_cuts_rows_of_exactly_chunk_size():
@@ -58,9 +65,8 @@ def test_tokens_in_are_tokens_trained(pack, wrap):
         example.tokens.labels[1:4] = [IGNORE_INDEX] * 3
     rows, stats = build_rows(examples, pack=pack, wrap=wrap, chunk_size=64)
     batch = collate(rows)
-    real = sum(len(e) for e in examples) - stats.truncated_tokens
+    real = sum(len(e) for e in examples)
     supervised = sum(e.tokens.num_supervised for e in examples)
-    assert stats.truncated_tokens == 0
     assert batch.num_real_tokens == stats.real_tokens == real
     assert batch.num_targets == supervised
 

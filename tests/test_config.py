@@ -78,3 +78,10 @@ def test_all_problems_are_reported_together(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(UserInputError, match=r"train_data: no such file: /nope\.jsonl"):
         build_train_config(**inputs(tmp_path, train_data="/nope.jsonl"))
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_seeds_beyond_64_bits_are_refused(tmp_path, seed):
+    with pytest.raises(UserInputError, match=f"seed must be a signed 64-bit integer, got {seed}"):
+        build_train_config(**inputs(tmp_path, seed=seed))
+    build_train_config(**inputs(tmp_path, seed=seed - 1 if seed > 0 else seed + 1))

@@ -21,6 +21,11 @@ def test_mixed_formats_blank_lines_and_system(tmp_path):
     ]
 
 
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    rows = read(tmp_path, b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert rows == [Row("train_data line 1", text="a"), Row("train_data line 2", text="b")]
+
+
 def test_unknown_fields_are_ignored_with_one_notice(tmp_path, capsys):
     read(tmp_path, '{"text": "a", "id": 1}\n{"text": "b", "id": 2, "lang": "en"}\n')
     out = capsys.readouterr().out
@@ -34,7 +39,12 @@ def test_unknown_fields_are_ignored_with_one_notice(tmp_path, capsys):
         ('{"prompt": "p"}\n', 'train_data line 1: missing "completion"'),
         ('{"completion": "c"}\n', 'train_data line 1: missing "prompt"'),
         ('{"foo": "bar"}\n', 'train_data line 1: missing "prompt"'),
-        ('["text"]\n', "train_data line 1: expected a JSON object, got list"),
+        ('{"text": "a"}\n["text"]\n', "train_data line 2: expected a JSON object, got list"),
+        (
+            '[{"text": "a"},\n {"text": "b"}]\n',
+            "train_data (data.jsonl) is one JSON array of 2 rows, not JSONL: write one JSON "
+            "object per line",
+        ),
         ('{"text": 3}\n', 'train_data line 1: "text" must be a string, got int'),
         ('{"text": "  "}\n', 'train_data line 1: "text" is empty'),
         ('{"prompt": "p", "completion": ""}\n', 'train_data line 1: "completion" is empty'),
@@ -104,4 +114,15 @@ def test_rows_longer_than_the_context_are_named(tokenizer, tmp_path):
         match=r"train_data line 2: 103 tokens, longer than the "
         r"model's context window of 64 tokens",
     ):
-        check_lengths(examples, 64, "the model's context window")
+        check_lengths(examples, 64, "the model's context window of 64 tokens")
+
+
+def test_a_set_with_nothing_to_train_on_is_refused():
+    from src.data import Example, check_supervised
+    from src.prompt_format import IGNORE_INDEX, TokenizedExample
+
+    prompt_only = Example("line 1", TokenizedExample([1, 5, 6], [IGNORE_INDEX] * 3))
+    with pytest.raises(UserInputError, match="validation: none of its 1 rows has a token"):
+        check_supervised([prompt_only], "validation")
+    trained = Example("line 2", TokenizedExample([1, 5, 6], [IGNORE_INDEX, 5, 6]))
+    check_supervised([prompt_only, trained], "validation")

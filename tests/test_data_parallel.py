@@ -1,5 +1,7 @@
 """Data parallelism on CPU: torchrun workers with the gloo backend, launched from train()."""
 
+import contextlib
+import io
 import json
 import shutil
 import signal
@@ -35,18 +37,24 @@ def results(archive) -> tuple[dict, dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def one_and_two_processes(tiny_model_dir, facts_file):
-    archives = {}
+    """Weights archive and logs of the same training in 1 and in 2 processes."""
+    runs = {}
     for processes in (1, 2):
-        with pytest.MonkeyPatch.context() as patch:
+        logs = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(logs):
             patch.setenv("BASE_MODEL", str(tiny_model_dir))
             patch.setenv("TRAIN_PROCESSES", str(processes))
-            archives[processes] = call_train(train_data=str(facts_file), **SETTINGS)
-    return archives
+            archive = call_train(train_data=str(facts_file), **SETTINGS)
+        runs[processes] = archive, logs.getvalue()
+    return {processes: archive for processes, (archive, _) in runs.items()}, {
+        processes: logs for processes, (_, logs) in runs.items()
+    }
 
 
 def test_two_processes_train_like_one(one_and_two_processes):
-    one, one_weights = results(one_and_two_processes[1])
-    two, two_weights = results(one_and_two_processes[2])
+    archives, _ = one_and_two_processes
+    one, one_weights = results(archives[1])
+    two, two_weights = results(archives[2])
     losses_one = [loss for _, loss in one["results"]["train_losses"]]
     losses_two = [loss for _, loss in two["results"]["train_losses"]]
     assert len(losses_one) == len(losses_two) == 2 * 4  # 13 train rows, 4 per step
@@ -57,10 +65,18 @@ def test_two_processes_train_like_one(one_and_two_processes):
         assert error < 1e-3, name
 
 
-def test_rank_zero_alone_logs_and_validates(one_and_two_processes, capsys):
-    two, _ = results(one_and_two_processes[2])
-    assert len(two["results"]["validation_losses"]) == 2
-    assert len(two["results"]["validation_answers"]) == 2
+def test_rank_zero_alone_logs_and_validates(one_and_two_processes):
+    archives, logs = one_and_two_processes
+    assert "launching 2 training processes" in logs[2]
+    for processes in (1, 2):
+        # Each progress line, validation and answer once: a second rank would double them.
+        assert logs[processes].count("step 1/8 |") == 1
+        assert logs[processes].count("step 8/8 |") == 1
+        assert logs[processes].count("validation: epoch") == 2
+        assert logs[processes].count("model answer:") == 2
+        metadata, _ = results(archives[processes])
+        assert len(metadata["results"]["validation_losses"]) == 2
+        assert len(metadata["results"]["validation_answers"]) == 2
 
 
 def test_a_worker_error_reaches_the_user_with_its_traceback(

@@ -1,8 +1,9 @@
 """Streaming text: whole characters only, stop sequences cut and never emitted."""
 
 import pytest
+import torch
 
-from src.generation import SamplingSettings, TextStream, logits_processors
+from src.generation import SamplingSettings, TextStream, logits_processors, sampling_distribution
 
 
 def stream(tokenizer, text: str, stops: list[str]) -> list[str]:
@@ -63,3 +64,56 @@ def test_processors_follow_the_off_switches():
     assert [type(p).__name__ for p in logits_processors(off)] == ["TemperatureLogitsWarper"]
     on = SamplingSettings(max_new_tokens=1, top_p=0.9, top_k=5, repetition_penalty=1.2)
     assert len(logits_processors(on)) == 4
+
+
+def reference_distribution(logits, seen, temperature, top_k, top_p, penalty):
+    """Sampling as the settings define it, written out: the repetition penalty divides a
+    seen token's positive logit (multiplies a negative one), temperature divides the logits,
+    top-k keeps the k largest, top-p the fewest most likely tokens whose mass reaches p."""
+    logits = logits.clone().double()
+    for token in set(seen):
+        logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
+    logits = logits / temperature
+    order = logits.argsort(descending=True)
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep[order[: top_k if top_k > 0 else len(logits)]] = True
+    probabilities = torch.where(keep, logits, -torch.inf).softmax(0)
+    if top_p < 1.0:
+        sorted_probabilities = probabilities[order]
+        mass_before = sorted_probabilities.cumsum(0) - sorted_probabilities
+        keep[order[mass_before >= top_p]] = False
+    return torch.where(keep, logits, -torch.inf).softmax(0)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p", "penalty"),
+    [(1.0, -1, 1.0, 1.0), (0.5, -1, 1.0, 1.0), (2.0, 5, 1.0, 1.0), (0.7, -1, 0.6, 1.0),
+     (0.7, 8, 0.9, 1.15), (0.01, -1, 1.0, 1.0)],
+)  # fmt: skip
+def test_the_sampling_distribution_follows_the_settings(temperature, top_k, top_p, penalty):
+
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 3
+    seen = [3, 7, 7, 20, int(logits.argmax())]
+    settings = SamplingSettings(
+        max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=penalty,
+    )  # fmt: skip
+    ours = sampling_distribution(
+        logits[None].clone(), torch.tensor([seen]), logits_processors(settings), False, 2
+    )[0].double()
+    expected = reference_distribution(logits, seen, temperature, top_k, top_p, penalty)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+    if top_k > 0:
+        assert int((ours > 0).sum()) <= top_k
+
+
+def test_eos_is_impossible_before_min_new_tokens():
+
+    logits = torch.zeros(1, 10)
+    logits[0, 2] = 50.0  # EOS by far the likeliest
+    off = SamplingSettings(max_new_tokens=1, top_p=1.0, repetition_penalty=1.0)
+    probabilities = sampling_distribution(
+        logits, torch.tensor([[5]]), logits_processors(off), True, 2
+    )
+    assert probabilities[0, 2] == 0 and probabilities.sum() == pytest.approx(1.0)

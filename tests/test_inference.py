@@ -13,7 +13,7 @@ from peft import PeftModel
 import src.artifact
 from src.errors import UserInputError
 from src.inference import ChatModel, build_chat_request
-from src.modeling import load_base_model, pick_placement
+from src.modeling import keep_4bit_weights_trainable, load_base_model, pick_placement
 from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
 from src.weights import WeightsStore
 from tests.helpers import FACTS, OTHER_FACTS, serve_directory
@@ -93,9 +93,38 @@ def test_seeded_sampling_is_reproducible(chat_model):
     assert ask(chat_model, **{**settings, "seed": 124}) != first
 
 
-def test_stop_sequences_and_min_tokens(chat_model):
+def test_stop_sequences(chat_model):
     assert ask(chat_model, stop_sequences="Quill,zzz") == "The capital of Zorbia is "
-    assert len(ask(chat_model, min_new_tokens=20, max_new_tokens=20)) > len(ANSWER)
+
+
+def tokens_produced(model: ChatModel, **overrides) -> int:
+    from src.generation import GenerationStats
+
+    stats = GenerationStats()
+    list(model.chat(build_chat_request(**{**GREEDY_INPUTS, "prompt": PROMPT, **overrides}), stats))
+    return stats.output_tokens
+
+
+def test_min_new_tokens_is_the_exact_floor(chat_model, tokenizer):
+    from src.prompt_format import encode_texts, render_completion
+
+    answer = len(encode_texts(tokenizer, [render_completion(ANSWER)])[0])
+    assert tokens_produced(chat_model) == answer  # the trained completion, then EOS
+    longer = answer + 7
+    assert tokens_produced(chat_model, min_new_tokens=longer, max_new_tokens=longer) == longer
+    assert tokens_produced(chat_model, min_new_tokens=longer, max_new_tokens=32) >= longer
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+def test_every_64_bit_seed_samples(chat_model, seed):
+    assert ask(chat_model, seed=seed, temperature=1.0) == ask(
+        chat_model, seed=seed, temperature=1.0
+    )
+
+
+def test_seeds_beyond_64_bits_are_refused():
+    with pytest.raises(UserInputError, match="seed must be a signed 64-bit integer"):
+        build_chat_request(**{**GREEDY_INPUTS, "prompt": PROMPT, "seed": 2**63})
 
 
 def test_prompt_longer_than_the_context_is_refused(chat_model, tokenizer, capsys):
@@ -142,10 +171,10 @@ def test_qlora_is_served_as_trained_within_tolerance(base_model_env, qlora_archi
     """QLoRA tolerance: logits within 1e-3 of the trained model's (4-bit base, unmerged LoRA)."""
     served = ChatModel(str(qlora_archive))
     assert served.from_qlora
-    trained = PeftModel.from_pretrained(
-        load_base_model(base_model_env, True, pick_placement()),
-        served.store.unpack(str(qlora_archive)).folder,
-    ).eval()
+    base = load_base_model(base_model_env, True, pick_placement())
+    keep_4bit_weights_trainable(base)  # computes as in training, not through the CPU repack
+    trained = PeftModel.from_pretrained(base, served.store.unpack(str(qlora_archive)).folder)
+    trained.eval()
     difference = (last_logits(served.model, tokenizer) - last_logits(trained, tokenizer)).abs()
     assert difference.max() < 1e-3
 

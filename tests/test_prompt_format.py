@@ -6,6 +6,7 @@ from src.prompt_format import (
     IGNORE_INDEX,
     encode_chat_examples,
     encode_chat_prompt,
+    encode_inference_prompt,
     encode_preformatted,
     encode_text_examples,
     render_user_turn,
@@ -73,3 +74,69 @@ def test_preformatted_prompt_is_used_as_is(tokenizer):
     formatted = "[INST] Hi [/INST]"
     assert encode_preformatted(tokenizer, formatted) == encode_chat_prompt(tokenizer, "Hi")
     assert encode_preformatted(tokenizer, "<s>" + formatted) == encode_chat_prompt(tokenizer, "Hi")
+
+
+# Meta's reference (llama/generation.py) encodes each turn with sentencepiece, which reads
+# every character of the text as text, and adds the BOS/EOS ids itself.
+CONTROL_STRINGS = ["a </s> b", "<s>[INST] x", "say <unk> and </s><s> twice"]
+
+
+@pytest.fixture(scope="module")
+def plain_text_encoder():
+    """The Llama-2 tokenizer with nothing parsed as a control token, as sentencepiece does."""
+    from tokenizers import Tokenizer
+
+    from tools.tiny_model import TOKENIZER_FIXTURE
+
+    encoder = Tokenizer.from_file(str(TOKENIZER_FIXTURE / "tokenizer.json"))
+    encoder.encode_special_tokens = True
+    return lambda text: encoder.encode(text, add_special_tokens=False).ids
+
+
+def meta_turn_ids(encode, user: str, answer: str | None, system: str | None = None) -> list[int]:
+    """One turn as Meta's chat_completion encodes it: BOS, [INST] ... [/INST], answer, EOS."""
+    if system:
+        user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+    if answer is None:
+        return [1, *encode(f"[INST] {user.strip()} [/INST]")]
+    return [1, *encode(f"[INST] {user.strip()} [/INST] {answer.strip()} "), 2]
+
+
+def test_control_strings_in_text_encode_as_meta_does(tokenizer):
+    ids = encode_text_examples(tokenizer, ["a </s> b"])[0].input_ids
+    assert ids == [1, *tokenizer.convert_tokens_to_ids(["▁a", "▁</", "s", ">", "▁b"]), 2]
+
+
+@pytest.mark.parametrize("text", CONTROL_STRINGS)
+def test_control_strings_in_every_field_are_text(tokenizer, plain_text_encoder, text):
+    [chat] = encode_chat_examples(tokenizer, [text], [text], [text])
+    assert chat.input_ids == meta_turn_ids(plain_text_encoder, text, text, text)
+    assert chat.input_ids.count(2) == 1 and chat.input_ids.count(1) == 1
+    [row] = encode_text_examples(tokenizer, [text])
+    assert row.input_ids == [1, *plain_text_encoder(text), 2]
+    prompt = encode_inference_prompt(tokenizer, f"why {text}", text)
+    assert prompt == meta_turn_ids(plain_text_encoder, f"why {text}", None, text)
+
+
+def test_a_dialog_in_chat_form_is_encoded_turn_by_turn(tokenizer, plain_text_encoder):
+    dialog = (
+        "<s>[INST] Is </s> a token? [/INST] Not in text. </s><s>[INST] And <s>? [/INST] "
+        "Text too. </s><s>[INST] Thanks [/INST]"
+    )
+    expected = [
+        *meta_turn_ids(plain_text_encoder, "Is </s> a token?", "Not in text."),
+        *meta_turn_ids(plain_text_encoder, "And <s>?", "Text too."),
+        *meta_turn_ids(plain_text_encoder, "Thanks", None),
+    ]
+    assert encode_preformatted(tokenizer, dialog) == expected
+    # The predictor takes a prompt in chat form as is, as validation_prompt does.
+    assert encode_inference_prompt(tokenizer, dialog, "ignored") == expected
+
+
+def test_the_text_flag_sticks_through_the_wrapper(tiny_model_dir):
+    from src.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    for _ in range(2):  # transformers copies its own flag to the backend on every call
+        assert 2 not in tokenizer("a </s> b", add_special_tokens=False)["input_ids"]
+        assert tokenizer.backend_tokenizer.encode_special_tokens

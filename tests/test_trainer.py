@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from bitsandbytes.functional import has_avx512bf16
 
-from src.batching import Row, build_rows, collate, optimizer_steps
+from src.batching import Row, build_rows, collate, forward_groups, optimizer_steps
 from src.data import Example
 from src.modeling import add_lora, load_base_model, pick_placement
 from src.prompt_format import encode_chat_examples, encode_text_examples
-from src.trainer import accumulate_gradients, supervised_loss_sum
+from src.trainer import accumulate_gradients, supervised_loss_sum, validation_loss
 from tests.helpers import FACTS
 
 CPU = torch.device("cpu")
@@ -53,13 +54,58 @@ def step_gradients(model, rows: list[Row], micro: int) -> tuple[float, dict[str,
     return loss, lora_gradients(model)
 
 
-def test_the_update_does_not_depend_on_the_micro_batch_split(model, examples):
+@pytest.fixture(scope="module")
+def reference(model, tiny_model_dir):
+    """The same weights in plain transformers + peft: eager attention over a padded batch."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    twin = add_lora(base, rank=8, alpha=16, dropout=0.0, quantized=False)
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
+    return twin
+
+
+def reference_loss_and_gradients(reference, examples: list[Example]):
+    """Hugging Face's own loss: right-padded rows, labels -100 where no loss is taken, the mean
+    over the supervised tokens of the batch."""
+    length = max(len(e) for e in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100)
+    mask = torch.zeros(len(examples), length, dtype=torch.long)
+    for i, example in enumerate(examples):
+        n = len(example)
+        ids[i, :n] = torch.tensor(example.tokens.input_ids)
+        labels[i, :n] = torch.tensor(example.tokens.labels)
+        mask[i, :n] = 1
+    reference.train()
+    loss = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.item(), lora_gradients(reference)
+
+
+@pytest.mark.parametrize(("micro", "forward_tokens"), [(6, None), (4, None), (1, None), (4, 40)])
+def test_a_step_matches_a_plain_hugging_face_step(
+    model, reference, examples, micro, forward_tokens
+):
+    """Any micro-batch split, and the CPU's forward groups, give the reference loss and update."""
+    expected_loss, expected_grads = reference_loss_and_gradients(reference, examples)
     rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
-    loss_whole, grads_whole = step_gradients(model, rows, micro=len(rows))
-    for micro in (1, 4):
-        loss, grads = step_gradients(model, rows, micro)
-        assert loss == pytest.approx(loss_whole, rel=1e-5)
-        assert_same_gradients(grads, grads_whole)
+    [step] = optimizer_steps(rows, list(range(len(rows))), len(rows), micro)
+    batches = [collate(g) for m in step.micro_batches for g in forward_groups(m, forward_tokens)]
+    if forward_tokens:
+        assert len(batches) > len(step.micro_batches)  # the groups split micro-batches
+    model.train()
+    loss = accumulate_gradients(model, batches, step.num_targets, CPU)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert_same_gradients(lora_gradients(model), expected_grads)
+
+
+def test_validation_loss_is_the_token_weighted_mean(model, reference, examples):
+    rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
+    expected, _ = reference_loss_and_gradients(reference, examples)
+    for batch_size in (1, 4):
+        assert validation_loss(model, rows, batch_size, CPU) == pytest.approx(expected, rel=1e-5)
 
 
 def loss_and_gradients(model, rows: list[Row]) -> tuple[float, dict[str, torch.Tensor]]:
@@ -80,3 +126,60 @@ def test_packed_examples_do_not_see_each_other(model, examples, wrap, chunk_size
     alone_loss, alone_grads = loss_and_gradients(model, one_by_one)
     assert packed_loss == pytest.approx(alone_loss, rel=1e-4)
     assert_same_gradients(packed_grads, alone_grads)
+
+
+def qlora_model(model_dir):
+    torch.manual_seed(0)
+    base = load_base_model(model_dir, quantize_4bit=True, placement=pick_placement())
+    model = add_lora(base, rank=8, alpha=16, dropout=0.0, quantized=True)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    return model
+
+
+def linear_4bit_layers(model) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+@pytest.mark.filterwarnings("ignore:bitsandbytes::gemv_4bit")  # from the control, on purpose
+@pytest.mark.skipif(
+    not has_avx512bf16(),
+    reason="bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16",
+)
+def test_validation_leaves_the_qlora_gradients_unchanged(tiny_model_dir, examples):
+    model = qlora_model(tiny_model_dir)
+    rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        return step_gradients(model, rows, micro=len(rows))[1]
+
+    before = gradients()
+    validation_loss(model, rows, batch_size=2, device=CPU)
+    assert_same_gradients(gradients(), before)
+    # The check can fail: with bitsandbytes' default, the same validation pass repacks the
+    # 4-bit weights and training then runs through the inference kernel.
+    for layer in linear_4bit_layers(model):
+        layer.support_avx512bf16_for_cpu = True
+    validation_loss(model, rows, batch_size=2, device=CPU)
+    layers = linear_4bit_layers(model)
+    assert any(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+    with pytest.raises(AssertionError):
+        assert_same_gradients(gradients(), before)
+
+
+def test_qlora_trains_on_dimensions_that_are_not_multiples_of_32(tmp_path, examples):
+    """With the repack off, bitsandbytes' CPU path takes any shape (its kernel asserted 32s)."""
+    from tools.tiny_model import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "odd", size="micro", intermediate_size=172)
+    model = qlora_model(model_dir)
+    rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
+    model.train()
+    before = step_gradients(model, rows, micro=2)[1]
+    assert validation_loss(model, rows, batch_size=2, device=CPU) > 0
+    model.train()
+    assert_same_gradients(step_gradients(model, rows, micro=2)[1], before)

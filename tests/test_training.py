@@ -3,6 +3,7 @@
 import json
 import tarfile
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import PeftModel
@@ -13,7 +14,7 @@ from src.artifact import read_archive
 from src.errors import UserInputError
 from src.modeling import load_base_model, pick_placement
 from src.prompt_format import encode_chat_prompt
-from tests.helpers import FACTS, FAST_LEARNING, call_train, write_jsonl
+from tests.helpers import FACTS, FAST_LEARNING, call_train, serve_directory, write_jsonl
 
 
 def greedy_answer(model, tokenizer, prompt: str) -> str:
@@ -76,8 +77,15 @@ def _adapter_tensors(archive) -> dict[str, torch.Tensor]:
 
 
 def test_qlora_trains_validates_and_answers_the_validation_prompt(
-    base_model_env, facts_file, tmp_path, capsys
+    base_model_env, facts_file, tmp_path, capsys, monkeypatch
 ):
+    loaded, load = [], src.training.load_base_model
+
+    def spy(*args, **kwargs):
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(src.training, "load_base_model", spy)
     validation = write_jsonl(
         tmp_path / "val.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS]
     )
@@ -93,7 +101,12 @@ def test_qlora_trains_validates_and_answers_the_validation_prompt(
     )
     logs = capsys.readouterr().out
     assert "validation: first 3 of 4 rows of validation_data" in logs
-    assert "4-bit NF4" in logs
+    [model] = loaded  # what was trained: every decoder linear in NF4, double-quantised
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * model.config.num_hidden_layers
+    for layer in layers:
+        assert layer.weight.quant_type == "nf4" and layer.weight.quant_state.nested
+        assert layer.compute_dtype == torch.float32  # the CPU placement's dtype
     assert logs.count("validation: epoch") == 2 and logs.count("model answer:") == 2
     metadata = read_archive(archive, tmp_path / "w").metadata
     assert metadata["peft_method"] == "qlora"
@@ -112,7 +125,17 @@ def test_qlora_trains_validates_and_answers_the_validation_prompt(
             {"pack_sequences": True, "chunk_size": 8192},
             "chunk_size 8192 is larger",
         ),
-        (['{"text": "' + "word " * 5000 + '"}'], {}, "train_data line 1: 5003 tokens, longer than"),
+        (
+            ['{"text": "' + "word " * 5000 + '"}'],
+            {},
+            "train_data line 1: 5,003 tokens, longer than the model's context window of 4,096",
+        ),
+        (
+            ['{"text": "short"}', '{"prompt": "' + "word " * 30 + '", "completion": "ok"}'] * 4,
+            {"pack_sequences": True, "chunk_size": 16},
+            "train_data line 2: 41 tokens, longer than chunk_size 16: raise chunk_size (up to "
+            "the model's 4,096) or set wrap_packed_sequences",
+        ),
     ],
 )
 def test_bad_input_fails_before_the_model_loads(
@@ -127,3 +150,80 @@ def test_bad_input_fails_before_the_model_loads(
     with pytest.raises(UserInputError) as error:
         call_train(train_data=str(data), **overrides)
     assert message in str(error.value)
+
+
+def test_steps_without_a_supervised_token_are_skipped_not_trained(base_model_env, tmp_path):
+    """Wrapped rows of 16 tokens cut 40-token prompts into fragments with nothing to learn."""
+    rows = [{"prompt": "word " * 36 + p, "completion": c} for p, c in FACTS]
+    data = write_jsonl(tmp_path / "long_prompts.jsonl", rows)
+    archive = call_train(
+        train_data=str(data),
+        pack_sequences=True,
+        wrap_packed_sequences=True,
+        chunk_size=16,
+        train_batch_size=1,
+        micro_batch_size=1,
+        num_train_epochs=1,
+        run_validation=False,
+    )
+    results = read_archive(archive, tmp_path / "w").metadata["results"]
+    assert results["skipped_steps"] > 0 and results["optimizer_steps"] > 0
+    assert results["optimizer_steps"] + results["skipped_steps"] == results["train_rows"]
+    assert all(loss > 0 for _, loss in results["train_losses"])
+    weights = load_file(tmp_path / "w" / "adapter_model.safetensors")
+    assert all(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
+
+
+def test_the_largest_seeds_train(base_model_env, facts_file):
+    for seed in (2**63 - 1, -(2**63)):
+        call_train(train_data=str(facts_file), num_train_epochs=1, run_validation=False, seed=seed)
+
+
+def test_adapter_config_names_the_base_as_the_user_gave_it(
+    tiny_model_dir, facts_file, tmp_path, monkeypatch
+):
+    """Not the cache folder it was unpacked into: other tools read this field."""
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "tiny.tar", "w") as tar:
+        tar.add(tiny_model_dir, arcname="tiny-llama")
+    monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
+    with serve_directory(served) as (url, _):
+        monkeypatch.setenv("BASE_MODEL", f"{url}/tiny.tar")
+        archive = call_train(train_data=str(facts_file), num_train_epochs=1, run_validation=False)
+    with tarfile.open(archive) as tar:
+        config = json.load(tar.extractfile("adapter_config.json"))
+    assert config["base_model_name_or_path"] == f"{url}/tiny.tar"
+
+
+def test_a_rank_whose_adapter_exceeds_the_archive_limit_is_refused(tmp_path, monkeypatch):
+    """Llama-2-7B's shape, checked from its config.json alone, before the model loads."""
+    import shutil
+
+    from tools.tiny_model import TOKENIZER_FIXTURE
+
+    folder = tmp_path / "llama-2-7b-config"
+    shutil.copytree(TOKENIZER_FIXTURE, folder)
+    config = {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "max_position_embeddings": 4096,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("BASE_MODEL", str(folder))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    with pytest.raises(UserInputError) as error:
+        call_train(train_data=str(data), lora_rank=1024)
+    assert str(error.value) == (
+        "lora_rank 1024: the adapter would be 9.5 GiB, over the 4 GiB limit of a weights "
+        "archive; this base model allows lora_rank up to 429"
+    )
+
+
+def test_lora_parameters_of_llama_2_7b():
+    """peft reports 19,988,480 trainable parameters for rank 8 on all linear layers."""
+    from src.modeling import lora_parameters
+
+    config = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32}  # fmt: skip
+    assert lora_parameters(config, 8) == 19_988_480

@@ -12,15 +12,17 @@ TOKENIZER_FIXTURE = (
     Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "llama2-tokenizer"
 )
 
+# Every dimension is a multiple of 32, as Llama-2-7B's are: bitsandbytes' 4-bit CPU kernels
+# (on CPUs with AVX512-BF16) assert it.
 SIZES = {
     # about 20M parameters, most of them in the 32,000-token embedding and head
     "tiny": dict(
-        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8
+        hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8
     ),
     # a few million parameters: its adapters are small enough to pass as a data: URI in an
     # environment variable (at most 128 KiB on Linux)
     "micro": dict(
-        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4
     ),
     # about 100M parameters, for the CPU benchmarks
     "100m": dict(
@@ -29,7 +31,7 @@ SIZES = {
 }
 
 
-def build_tiny_llama(out_dir: Path, size: str = "tiny", seed: int = 0) -> Path:
+def build_tiny_llama(out_dir: Path, size: str = "tiny", seed: int = 0, **shape: int) -> Path:
     """Write a Hugging Face model folder (config, safetensors, tokenizer) and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -42,7 +44,7 @@ def build_tiny_llama(out_dir: Path, size: str = "tiny", seed: int = 0) -> Path:
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        **SIZES[size],
+        **{**SIZES[size], **shape},
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
