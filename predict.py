@@ -5,8 +5,8 @@ The inputs are those of Replicate's meta/llama-2-7b-chat versions. All logic is 
 
 from cog import BaseRunner, ConcatenateIterator, Input, streaming
 
-from src.generation import GenerationStats
-from src.inference import ChatModel, build_chat_request
+from src.serving.chat import ChatModel, build_chat_request
+from src.serving.generation import GenerationStats
 
 
 class Predictor(BaseRunner):

@@ -1,13 +1,13 @@
 """Cog training entry point: the documented inputs of meta/llama-2-7b-chat's training.
 
 The defaults, bounds and descriptions below are the single source for these inputs (Cog reads
-them from this file to make the API schema); src/config.py coerces and cross-checks them.
+them from this file to make the API schema); src/training/config.py coerces and cross-checks them.
 """
 
 from cog import BaseModel, Input, Path
 
-from src.config import build_train_config
-from src.training import run_training
+from src.training.config import build_train_config
+from src.training.run import run_training
 
 
 class TrainingOutput(BaseModel):

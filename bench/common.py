@@ -8,8 +8,8 @@ import resource
 import time
 from pathlib import Path
 
-from src.data import Example
 from src.prompt_format import IGNORE_INDEX, TokenizedExample
+from src.training.data import Example
 
 MIN_TOKENS, MAX_TOKENS = 20, 2000
 MEDIAN_TOKENS, SIGMA = 250, 0.9  # log-normal: most rows short, a long tail to 2,000

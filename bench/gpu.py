@@ -241,7 +241,7 @@ def _attention_grads(path, inputs, grad_out, dtype) -> list[torch.Tensor]:
 def training_cases() -> dict[str, list]:
     """Rows of one micro-batch per case: the documented defaults packed and not, a long row."""
     from bench.common import mixed_lengths, synthetic_examples
-    from src.batching import Row, Segment, build_rows
+    from src.training.batching import Row, Segment, build_rows
 
     packed, _ = build_rows(
         synthetic_examples(mixed_lengths(400)), pack=True, wrap=False, chunk_size=2048 // SCALE
@@ -260,8 +260,8 @@ def training_cases() -> dict[str, list]:
 
 def measure_training(model, rows: list, checkpointing: bool, steps: int = 2) -> dict:
     """Optimizer steps on one micro-batch through this project's loss and backward."""
-    from src.batching import collate
-    from src.trainer import accumulate_gradients
+    from src.training.batching import collate
+    from src.training.loop import accumulate_gradients
 
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -446,7 +446,7 @@ def _drift(model, targets: dict, pristine: dict, swaps: int = 100) -> dict:
 
 
 def _decode(model, prompt: torch.Tensor, new_tokens: int = 128) -> dict:
-    from src.generation import SamplingSettings, sample_tokens
+    from src.serving.generation import SamplingSettings, sample_tokens
 
     new_tokens //= SCALE
     settings = SamplingSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=0)

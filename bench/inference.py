@@ -22,8 +22,8 @@ PROMPT = "Tell me about the llamas of the high Andes and how they are cared for.
 
 
 def chat_request(new_tokens: int, replicate_weights: str | None = None):
-    from src.inference import build_chat_request
     from src.prompt_format import DEFAULT_PROMPT_TEMPLATE
+    from src.serving.chat import build_chat_request
 
     return build_chat_request(
         prompt=PROMPT, system_prompt="You are a helpful assistant.",
@@ -35,7 +35,7 @@ def chat_request(new_tokens: int, replicate_weights: str | None = None):
 
 
 def predictor_timings(chat_model, new_tokens: int) -> dict:
-    from src.generation import GenerationStats
+    from src.serving.generation import GenerationStats
 
     list(chat_model.chat(chat_request(4)))  # warm-up
     stats = GenerationStats()
@@ -95,7 +95,7 @@ def swap_timings(chat_model, archives: list[str]) -> dict:
 
 def measure(model_dir: Path, new_tokens: int) -> dict:
     os.environ["BASE_MODEL"] = str(model_dir)
-    from src.inference import ChatModel
+    from src.serving.chat import ChatModel
 
     with tempfile.TemporaryDirectory() as tmp:
         archives = adapter_archives(model_dir, Path(tmp))

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from bench.common import MEDIAN_TOKENS, emit, mixed_lengths, peak_rss_mib
-from src.batching import build_rows
-from src.data import check_lengths, read_jsonl, tokenize_rows
 from src.modeling import load_tokenizer
+from src.training.batching import build_rows
+from src.training.data import check_lengths, read_jsonl, tokenize_rows
 from tools.tiny_model import TOKENIZER_FIXTURE
 
 WORDS = [

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.common import emit, mixed_lengths, peak_rss_mib, synthetic_examples
-from src.data import Example
+from src.training.data import Example
 
 STACKS = ("reference", "core", "core-packed")
 LORA = dict(rank=8, alpha=16, dropout=0.05)
@@ -87,12 +87,12 @@ def run_reference(model_dir: Path, examples: list[Example]) -> tuple[list[tuple[
 
 
 def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size: int):
-    """This project's loop (src.trainer.train_adapter), as train() runs it."""
-    from src.batching import build_rows
-    from src.config import TrainConfig
-    from src.distributed import World
+    """This project's loop (src.training.loop.train_adapter), as train() runs it."""
     from src.modeling import add_lora, load_base_model, load_tokenizer, pick_placement
-    from src.trainer import train_adapter
+    from src.training.batching import build_rows
+    from src.training.config import TrainConfig
+    from src.training.distributed import World
+    from src.training.loop import train_adapter
 
     config = TrainConfig(
         train_data=Path("bench"), num_train_epochs=1,
@@ -116,7 +116,7 @@ def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size:
     result = train_adapter(
         model, load_tokenizer(model_dir), rows, [], config, placement.device, World()
     )
-    # Micro-batches are rows laid end to end (src/batching.collate): no padded slot.
+    # Micro-batches are rows laid end to end (src/training/batching.collate): no padded slot.
     return result.step_timings, sum(len(r) for r in rows)
 
 

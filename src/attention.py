@@ -7,7 +7,7 @@ pass: memory and time grow with the square of the row length. Here the segments 
 
 - on a GPU, PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`) takes the
   whole row with the cumulative segment lengths, built once per micro-batch in
-  src/batching.collate, so no layer waits for the host;
+  src/training/batching.collate, so no layer waits for the host;
 - elsewhere (CPU, fp32, or a torch without the kernel), the row is split into its segments
   with `torch.split` and each goes through sdpa with `is_causal=True`. (Slicing instead of
   splitting makes autograd allocate a zero-filled full-size gradient per slice: ten times

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from src.batching import epoch_order
 from src.seeds import SEED_MAX, SEED_MIN, derive_seed
-from src.training import dropout_seed
+from src.training.batching import epoch_order
+from src.training.run import dropout_seed
 
 
 @pytest.mark.parametrize("seed", [SEED_MIN, -1, 0, 42, SEED_MAX])

@@ -111,10 +111,10 @@ def test_cancel_stops_the_training_and_the_server_takes_the_next(
 
 
 def training_processes() -> list[psutil.Process]:
-    """torchrun and its workers (both name src.worker on their command line)."""
+    """torchrun and its workers (both name src.training.worker on their command line)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if "src.worker" in " ".join(process.info["cmdline"] or []):
+        if "src.training.worker" in " ".join(process.info["cmdline"] or []):
             found.append(process)
     return found
 

@@ -20,20 +20,7 @@ from src.artifact import (
     write_archive,
 )
 from src.base_model import BaseModel, resolve_base_model
-from src.batching import PackingStats, build_rows
-from src.config import TrainConfig
-from src.data import (
-    Example,
-    TrainingData,
-    check_lengths,
-    check_supervised,
-    read_jsonl,
-    split_validation,
-    tokenize_rows,
-)
-from src.distributed import World
 from src.errors import UserInputError
-from src.launcher import data_parallel_processes, launch_workers
 from src.log import Stopwatch, log
 from src.modeling import (
     add_lora,
@@ -46,7 +33,20 @@ from src.modeling import (
 )
 from src.prompt_format import FORMAT_NAME, render_user_turn
 from src.seeds import derive_seed
-from src.trainer import TrainResult, train_adapter
+from src.training.batching import PackingStats, build_rows
+from src.training.config import TrainConfig
+from src.training.data import (
+    Example,
+    TrainingData,
+    check_lengths,
+    check_supervised,
+    read_jsonl,
+    split_validation,
+    tokenize_rows,
+)
+from src.training.distributed import World
+from src.training.launcher import data_parallel_processes, launch_workers
+from src.training.loop import TrainResult, train_adapter
 
 
 def run_training(config: TrainConfig) -> Path:

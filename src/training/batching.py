@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from src.data import Example
 from src.prompt_format import IGNORE_INDEX, TokenizedExample
 from src.seeds import derive_seed
+from src.training.data import Example
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def build_rows(
     """Rows for training: one per example, packed best-fit-decreasing, or wrapped.
 
     Packing without wrap takes examples of at most `chunk_size` tokens (longer ones are a
-    user error, raised with their lines by src.data.check_lengths before this runs).
+    user error, raised with their lines by src.training.data.check_lengths before this runs).
     """
     segments = [Segment.of(e.tokens) for e in examples]
     real = sum(len(s.input_ids) for s in segments)

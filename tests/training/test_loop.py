@@ -4,11 +4,11 @@ import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 
-from src.batching import Row, build_rows, collate, forward_groups, optimizer_steps
-from src.data import Example
 from src.modeling import add_lora, load_base_model, pick_placement
 from src.prompt_format import encode_chat_examples, encode_text_examples
-from src.trainer import accumulate_gradients, supervised_loss_sum, validation_loss
+from src.training.batching import Row, build_rows, collate, forward_groups, optimizer_steps
+from src.training.data import Example
+from src.training.loop import accumulate_gradients, supervised_loss_sum, validation_loss
 from tests.helpers import FACTS
 
 CPU = torch.device("cpu")

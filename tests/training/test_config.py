@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from src.config import TrainConfig, build_train_config
 from src.errors import UserInputError
+from src.training.config import TrainConfig, build_train_config
 from tests.helpers import train_defaults
 
 # The inputs and defaults documented on the product page (seed/000_8428696d0a42f7b8.txt).

@@ -1,7 +1,7 @@
-"""One data-parallel training process, started by torchrun: `python -m src.worker JOB_FOLDER`.
+"""One data-parallel training process, started by torchrun: `python -m src.training.worker JOB`.
 
 Rank 0 logs, validates and writes the weights archive; the others train silently. Errors are
-written into the job folder for the parent to raise (see src/launcher.py).
+written into the job folder for the parent to raise (see src/training/launcher.py).
 """
 
 import json
@@ -15,11 +15,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from src.base_model import resolve_base_model
-from src.distributed import init_from_torchrun
-from src.launcher import LAUNCHER_PID_VARIABLE, read_job, write_worker_error
 from src.log import Stopwatch
 from src.modeling import load_tokenizer
-from src.training import train_and_save
+from src.training.distributed import init_from_torchrun
+from src.training.launcher import LAUNCHER_PID_VARIABLE, read_job, write_worker_error
+from src.training.run import train_and_save
 
 
 def main(job: Path) -> None:

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from src.generation import SamplingSettings, TextStream, logits_processors, sampling_distribution
+from src.serving.generation import (
+    SamplingSettings,
+    TextStream,
+    logits_processors,
+    sampling_distribution,
+)
 
 
 def stream(tokenizer, text: str, stops: list[str]) -> list[str]:

@@ -12,10 +12,10 @@ from peft import PeftModel
 
 import src.artifact
 from src.errors import UserInputError
-from src.inference import ChatModel, build_chat_request
 from src.modeling import keep_4bit_weights_trainable, load_base_model, pick_placement
 from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
-from src.weights import WeightsStore
+from src.serving.chat import ChatModel, build_chat_request
+from src.serving.weights import WeightsStore
 from tests.helpers import FACTS, OTHER_FACTS, serve_directory
 
 PROMPT, ANSWER = FACTS[0]
@@ -98,7 +98,7 @@ def test_stop_sequences(chat_model):
 
 
 def tokens_produced(model: ChatModel, **overrides) -> int:
-    from src.generation import GenerationStats
+    from src.serving.generation import GenerationStats
 
     stats = GenerationStats()
     list(model.chat(build_chat_request(**{**GREEDY_INPUTS, "prompt": PROMPT, **overrides}), stats))

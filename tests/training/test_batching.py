@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from src.batching import build_rows, collate, epoch_order, optimizer_steps, steps_per_epoch
-from src.data import Example
 from src.prompt_format import IGNORE_INDEX, TokenizedExample
+from src.training.batching import build_rows, collate, epoch_order, optimizer_steps, steps_per_epoch
+from src.training.data import Example
 
 
 def make_examples(lengths: list[int]) -> list[Example]:

@@ -17,7 +17,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from src.attention import PackedSegments
-from src.batching import (
+from src.log import Stopwatch, format_duration, log
+from src.prompt_format import IGNORE_INDEX, encode_chat_prompt, encode_preformatted, is_preformatted
+from src.training.batching import (
     MicroBatch,
     Row,
     StepPlan,
@@ -27,10 +29,8 @@ from src.batching import (
     optimizer_steps,
     steps_per_epoch,
 )
-from src.config import TrainConfig
-from src.distributed import World, sum_over_ranks
-from src.log import Stopwatch, format_duration, log
-from src.prompt_format import IGNORE_INDEX, encode_chat_prompt, encode_preformatted, is_preformatted
+from src.training.config import TrainConfig
+from src.training.distributed import World, sum_over_ranks
 
 LOGITS_CHUNK = 1024  # supervised positions per slice of the vocabulary projection
 CPU_FORWARD_TOKENS = 1024  # tokens per forward pass on a CPU (see batching.forward_groups)

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from src.config import TrainConfig
-from src.data import Example, TrainingData
 from src.errors import UserInputError
 from src.log import log
 from src.prompt_format import TokenizedExample
+from src.training.config import TrainConfig
+from src.training.data import Example, TrainingData
 
 PROCESSES_VARIABLE = "TRAIN_PROCESSES"  # overrides the number of processes (default: GPUs)
 LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # workers end themselves when it is gone
@@ -49,7 +49,7 @@ def launch_workers(config: TrainConfig, data: TrainingData, processes: int) -> P
     write_job(job, config, data)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={processes}", "-m", "src.worker", str(job),
+        f"--nproc-per-node={processes}", "-m", "src.training.worker", str(job),
     ]  # fmt: skip
     env = dict(os.environ)
     env[LAUNCHER_PID_VARIABLE] = str(os.getpid())
@@ -57,7 +57,7 @@ def launch_workers(config: TrainConfig, data: TrainingData, processes: int) -> P
     log(f"launching {processes} training processes")
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env, cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+        env=env, cwd=Path(__file__).resolve().parents[2], start_new_session=True,
     )  # fmt: skip
     try:
         _relay_output(process)

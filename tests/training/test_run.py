@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-import src.training
+import src.training.run
 from src.artifact import read_archive
 from src.errors import UserInputError
 from src.modeling import load_base_model, pick_placement
@@ -79,13 +79,13 @@ def _adapter_tensors(archive) -> dict[str, torch.Tensor]:
 def test_qlora_trains_validates_and_answers_the_validation_prompt(
     base_model_env, facts_file, tmp_path, capsys, monkeypatch
 ):
-    loaded, load = [], src.training.load_base_model
+    loaded, load = [], src.training.run.load_base_model
 
     def spy(*args, **kwargs):
         loaded.append(load(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(src.training, "load_base_model", spy)
+    monkeypatch.setattr(src.training.run, "load_base_model", spy)
     validation = write_jsonl(
         tmp_path / "val.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS]
     )
@@ -144,7 +144,7 @@ def test_bad_input_fails_before_the_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(src.training, "load_base_model", no_model)
+    monkeypatch.setattr(src.training.run, "load_base_model", no_model)
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(rows) + "\n")
     with pytest.raises(UserInputError) as error:

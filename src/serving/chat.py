@@ -22,7 +22,6 @@ from transformers import PreTrainedModel
 from src.artifact import ARCHITECTURE_KEYS, AdapterFiles, base_model_fingerprint
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
-from src.generation import GenerationStats, SamplingSettings, stream_text
 from src.inputs import as_float, as_int
 from src.log import log
 from src.modeling import (
@@ -35,7 +34,8 @@ from src.modeling import (
 )
 from src.prompt_format import encode_inference_prompt
 from src.seeds import SEED_MAX, SEED_MIN
-from src.weights import WeightsStore
+from src.serving.generation import GenerationStats, SamplingSettings, stream_text
+from src.serving.weights import WeightsStore
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
 

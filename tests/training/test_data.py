@@ -2,8 +2,8 @@
 
 import pytest
 
-from src.data import Row, check_lengths, read_jsonl, split_validation, tokenize_rows
 from src.errors import UserInputError
+from src.training.data import Row, check_lengths, read_jsonl, split_validation, tokenize_rows
 from tests.helpers import write_jsonl
 
 
@@ -118,8 +118,8 @@ def test_rows_longer_than_the_context_are_named(tokenizer, tmp_path):
 
 
 def test_a_set_with_nothing_to_train_on_is_refused():
-    from src.data import Example, check_supervised
     from src.prompt_format import IGNORE_INDEX, TokenizedExample
+    from src.training.data import Example, check_supervised
 
     prompt_only = Example("line 1", TokenizedExample([1, 5, 6], [IGNORE_INDEX] * 3))
     with pytest.raises(UserInputError, match="validation: none of its 1 rows has a token"):

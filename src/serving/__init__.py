@@ -1,0 +1,1 @@
+"""Serving: a weights archive -> the chat model -> streamed answers."""
