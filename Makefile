@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint schema bench bench-smoke clean
+.PHONY: demo test lint schema bench bench-smoke image clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench: $(BIN)/.installed
 
 bench-smoke: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run --smoke --out "$$(mktemp -d)"
+
+# The image with the versions the tests ran: cog.yaml pins the SDK (build.sdk_version); Cog
+# resolves coglet at build time unless COGLET_WHEEL names one.
+image:
+	COGLET_WHEEL=pypi:0.23.1 cog build
 
 schema: $(BIN)/.installed
 	$(BIN)/python -m tools.cog_openapi

@@ -15,11 +15,14 @@ MIN_TOKENS, MAX_TOKENS = 20, 2000
 MEDIAN_TOKENS, SIGMA = 250, 0.9  # log-normal: most rows short, a long tail to 2,000
 
 
-def mixed_lengths(count: int, seed: int = 0, median: int = MEDIAN_TOKENS) -> list[int]:
-    """Row lengths drawn log-normal, clipped to [20, 2000] tokens: a realistic spread."""
+def mixed_lengths(
+    count: int, seed: int = 0, median: int = MEDIAN_TOKENS, longest: int = MAX_TOKENS
+) -> list[int]:
+    """Row lengths drawn log-normal, clipped to [20, longest] tokens: a realistic spread
+    (packing without wrap takes rows of at most chunk_size tokens)."""
     rng = random.Random(seed)
     lengths = [round(rng.lognormvariate(math.log(median), SIGMA)) for _ in range(count)]
-    return [min(MAX_TOKENS, max(MIN_TOKENS, n)) for n in lengths]
+    return [min(longest, MAX_TOKENS, max(MIN_TOKENS, n)) for n in lengths]
 
 
 def synthetic_examples(lengths: list[int], seed: int = 0) -> list[Example]:

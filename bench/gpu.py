@@ -243,9 +243,9 @@ def training_cases() -> dict[str, list]:
     from bench.common import mixed_lengths, synthetic_examples
     from src.training.batching import Row, Segment, build_rows
 
-    packed, _ = build_rows(
-        synthetic_examples(mixed_lengths(400)), pack=True, wrap=False, chunk_size=2048 // SCALE
-    )
+    chunk = 2048 // SCALE
+    examples = synthetic_examples(mixed_lengths(400, longest=chunk))
+    packed, _ = build_rows(examples, pack=True, wrap=False, chunk_size=chunk)
 
     def rows_of(lengths: list[int]) -> list:
         examples = synthetic_examples([n // SCALE for n in lengths], seed=len(lengths))
@@ -260,14 +260,11 @@ def training_cases() -> dict[str, list]:
 
 def measure_training(model, rows: list, checkpointing: bool, steps: int = 2) -> dict:
     """Optimizer steps on one micro-batch through this project's loss and backward."""
+    from src.modeling import set_activation_checkpointing
     from src.training.batching import collate
     from src.training.loop import accumulate_gradients
 
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    else:
-        model.gradient_checkpointing_disable()
+    set_activation_checkpointing(model, checkpointing)  # add_lora prepared it, off
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)

@@ -88,11 +88,18 @@ def run_reference(model_dir: Path, examples: list[Example]) -> tuple[list[tuple[
 
 def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size: int):
     """This project's loop (src.training.loop.train_adapter), as train() runs it."""
-    from src.modeling import add_lora, load_base_model, load_tokenizer, pick_placement
-    from src.training.batching import build_rows
+    from src.modeling import (
+        add_lora,
+        load_base_model,
+        load_tokenizer,
+        pick_placement,
+        read_model_config,
+    )
+    from src.training.batching import build_rows, longest_segment
     from src.training.config import TrainConfig
     from src.training.distributed import World
     from src.training.loop import train_adapter
+    from src.training.memory import plan_for_device
 
     config = TrainConfig(
         train_data=Path("bench"), num_train_epochs=1,
@@ -113,8 +120,11 @@ def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size:
         LORA["dropout"],
         quantized=False,
     )
+    forwards = plan_for_device(
+        placement, read_model_config(model_dir), False, LORA["rank"], longest_segment(rows)
+    )
     result = train_adapter(
-        model, load_tokenizer(model_dir), rows, [], config, placement.device, World()
+        model, load_tokenizer(model_dir), rows, [], config, forwards, placement.device, World()
     )
     # Micro-batches are rows laid end to end (src/training/batching.collate): no padded slot.
     return result.step_timings, sum(len(r) for r in rows)
@@ -122,7 +132,7 @@ def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size:
 
 def measure(stack: str, model_dir: Path, rows: int, chunk_size: int = CHUNK_SIZE) -> dict:
     torch.manual_seed(0)
-    examples = synthetic_examples(mixed_lengths(rows))
+    examples = synthetic_examples(mixed_lengths(rows, longest=chunk_size))
     if stack == "reference":
         timings, slots = run_reference(model_dir, examples)
     else:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,16 @@ class BaseModel:
 
     source: str
     path: Path
+
+    @property
+    def public_name(self) -> str:
+        """The source as it may be written into outputs: a URL without credentials, query or
+        fragment (a presigned URL's signature stays out of adapter_config.json)."""
+        if not self.source.startswith(("https://", "http://")):
+            return self.source
+        url = urllib.parse.urlsplit(self.source)
+        host = url.netloc.rpartition("@")[2]  # without user:password@
+        return urllib.parse.urlunsplit((url.scheme, host, url.path, "", ""))
 
 
 def base_model_source() -> str:

@@ -21,9 +21,10 @@ FORMAT_NAME = "llama-2-chat"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 IGNORE_INDEX = -100  # label of a token that is not trained on
-# In a prompt written in chat form, what separates turns: EOS, then BOS (Meta's reference
-# encodes each turn on its own and adds the ids). Anywhere else "<s>" and "</s>" are text.
-TURN_SEPARATOR = re.compile(r"</s>\s*<s>")
+# In a prompt written in chat form, what separates turns: EOS, then BOS before the next
+# "[INST]" (Meta's reference encodes each turn on its own and adds the ids). Anywhere else
+# "<s>" and "</s>" are text.
+TURN_SEPARATOR = re.compile(r"</s>\s*<s>(?=\s*\[INST\])")
 
 
 class Tokenizer(Protocol):

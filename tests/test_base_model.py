@@ -70,3 +70,15 @@ def test_hub_repo_offline_without_cache_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserInputError, match="not in the cache and the Hub cannot be reached"):
         resolve_base_model("meta-llama/Llama-2-7b-chat-hf")
+
+
+def test_outputs_name_a_url_base_without_its_credentials(tmp_path):
+    from src.base_model import BaseModel
+
+    signed = BaseModel(
+        "https://user:secret@example.com:8443/m/llama.tar?X-Amz-Signature=abc#x", tmp_path
+    )
+    assert signed.public_name == "https://example.com:8443/m/llama.tar"
+    assert BaseModel("meta-llama/Llama-2-7b-chat-hf", tmp_path).public_name == (
+        "meta-llama/Llama-2-7b-chat-hf"
+    )

@@ -35,3 +35,18 @@ def test_every_requirement_is_pinned_and_torch_matches_the_install_command():
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.+]+", line) for line in lines), lines
     assert "torch==2.13.0" in lines
     assert "torch==2.13.0" in (PROJECT_DIR / "Makefile").read_text()
+
+
+def pinned(name: str) -> str:
+    for line in (PROJECT_DIR / "requirements.txt").read_text().splitlines():
+        if line.startswith(f"{name}=="):
+            return line.split("==")[1]
+    raise AssertionError(f"{name} is not pinned")
+
+
+def test_the_image_runs_the_cog_and_coglet_the_tests_ran():
+    """Cog installs its own SDK over requirements.txt unless build.sdk_version pins it, and
+    resolves coglet at build time unless COGLET_WHEEL names a version."""
+    assert cog_yaml()["build"]["sdk_version"] == pinned("cog")
+    image = re.search(r"^image:\n\t(.+)$", (PROJECT_DIR / "Makefile").read_text(), re.M)
+    assert image and image.group(1) == f"COGLET_WHEEL=pypi:{pinned('coglet')} cog build"

@@ -61,3 +61,34 @@ def test_reference_vectors_and_odd_texts_tokenize_identically(fast_and_plain):
     expected = plain(texts, add_special_tokens=False)["input_ids"]
     assert encode_texts(fast, texts) == expected
     assert fast(texts, add_special_tokens=False)["input_ids"] == expected
+
+
+def test_the_nvidia_driver_version_is_read_from_the_kernel(tmp_path):
+    from src.modeling import nvidia_driver_version
+
+    proprietary = tmp_path / "a"
+    proprietary.write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.82.01  Wed Oct 27 2021\n"
+    )
+    open_module = tmp_path / "b"
+    open_module.write_text(
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build\n"
+    )
+    assert nvidia_driver_version(proprietary) == "470.82.01"
+    assert nvidia_driver_version(open_module) == "580.159.04"
+    assert nvidia_driver_version(tmp_path / "none") is None
+
+
+def test_a_gpu_that_torch_cannot_use_stops_the_run(monkeypatch):
+    import torch
+
+    import src.modeling
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(src.modeling, "nvidia_driver_version", lambda: "470.82.01")
+    with pytest.raises(RuntimeError) as error:
+        src.modeling.pick_placement()
+    message = str(error.value)
+    assert "NVIDIA GPU (driver 470.82.01)" in message and torch.__version__ in message
+    monkeypatch.setattr(src.modeling, "nvidia_driver_version", lambda: None)
+    assert src.modeling.pick_placement().device.type == "cpu"

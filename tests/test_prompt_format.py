@@ -120,11 +120,11 @@ def test_control_strings_in_every_field_are_text(tokenizer, plain_text_encoder, 
 
 def test_a_dialog_in_chat_form_is_encoded_turn_by_turn(tokenizer, plain_text_encoder):
     dialog = (
-        "<s>[INST] Is </s> a token? [/INST] Not in text. </s><s>[INST] And <s>? [/INST] "
+        "<s>[INST] Is </s><s> a token? [/INST] Not in text. </s><s>[INST] And <s>? [/INST] "
         "Text too. </s><s>[INST] Thanks [/INST]"
     )
     expected = [
-        *meta_turn_ids(plain_text_encoder, "Is </s> a token?", "Not in text."),
+        *meta_turn_ids(plain_text_encoder, "Is </s><s> a token?", "Not in text."),
         *meta_turn_ids(plain_text_encoder, "And <s>?", "Text too."),
         *meta_turn_ids(plain_text_encoder, "Thanks", None),
     ]

@@ -32,7 +32,7 @@ from src.modeling import (
     pick_placement,
     quiet_peft,
 )
-from src.prompt_format import encode_inference_prompt
+from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_inference_prompt, is_preformatted
 from src.seeds import SEED_MAX, SEED_MIN
 from src.serving.generation import GenerationStats, SamplingSettings, stream_text
 from src.serving.weights import WeightsStore
@@ -73,7 +73,7 @@ class ChatModel:
         if weights and setup_adapter:
             self._activate(weights, setup_adapter)
         log(
-            f"ready: base {self.base.source} on {self.placement.device}, "
+            f"ready: base {self.base.public_name} on {self.placement.device}, "
             f"adapter {'from ' + _short(weights) if weights else 'none'}"
         )
 
@@ -84,6 +84,15 @@ class ChatModel:
         prompt_ids = encode_inference_prompt(
             self.tokenizer, request.prompt, request.system_prompt, request.prompt_template
         )
+        if (
+            request.system_prompt
+            and request.prompt_template == DEFAULT_PROMPT_TEMPLATE
+            and is_preformatted(request.prompt)
+        ):
+            log(
+                "the prompt is in Llama-2 chat form and is used as is: system_prompt is not "
+                "added (put a <<SYS>> block in its first [INST] turn instead)"
+            )
         room = self.context_window - len(prompt_ids)
         if room < 1:
             raise UserInputError(
@@ -178,13 +187,13 @@ class ChatModel:
         if different:
             raise UserInputError(
                 f"weights {_short(source)} were trained on base {trained_on.get('source')!r}, "
-                f"which differs from this server's base {self.base.source!r} in "
+                f"which differs from this server's base {self.base.public_name!r} in "
                 f"{', '.join(different)}"
             )
         if trained_on.get("config_sha256") != here["config_sha256"]:
             log(
                 f"note: weights {_short(source)} were trained on {trained_on.get('source')!r}; "
-                f"same architecture as {self.base.source!r} but a different config.json"
+                f"same architecture as {self.base.public_name!r} but a different config.json"
             )
 
 

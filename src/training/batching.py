@@ -177,12 +177,17 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return -(-num_rows // batch_size)
 
 
+def longest_segment(rows: list[Row]) -> int:
+    """Tokens of the longest segment: what one forward pass must hold at least."""
+    return max((len(s.input_ids) for row in rows for s in row.segments), default=0)
+
+
 def forward_groups(rows: list[Row], max_tokens: int | None) -> list[list[Row]]:
     """Split a micro-batch at segment boundaries into groups of at most `max_tokens` tokens.
 
     Segments never attend to each other, so running them in several forward passes gives the
-    same gradient. On a CPU, passes of about a thousand tokens run fastest and need less
-    memory; a segment longer than the limit still goes whole.
+    same gradient. The memory plan (src/training/memory.py) sets the limit; a segment longer
+    than it goes alone (and the plan checkpoints that pass).
     """
     if max_tokens is None:
         return [rows]

@@ -83,19 +83,25 @@ def read_jsonl(path: Path, name: str) -> list[Row]:
 
 
 def _refuse_json_array(data: bytes, name: str, path: Path) -> None:
-    """A file that is one JSON array of rows, a common mistake, gets one error that says so."""
-    if not data.lstrip().startswith(b"["):
+    """A file that is one JSON array of rows, a common mistake, gets one error that says so.
+
+    Recognised without parsing the whole file (it can be gigabytes): it opens with "[" and
+    closes with "]", and is one line or its first line is not a JSON value of its own.
+    """
+    content = data.strip()
+    if not (content.startswith(b"[") and content.endswith(b"]")):
         return
-    try:
-        whole = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return  # not one array: the line-by-line checks say what is wrong
-    if isinstance(whole, list):
-        raise UserInputError(
-            f"{name} ({path.name}) is one JSON array of {len(whole)} rows, not JSONL: write "
-            f"one JSON object per line, without the enclosing [ ] (for example with "
-            f"`jq -c '.[]' {path.name} > data.jsonl`)"
-        )
+    first_line, newline, _ = content.partition(b"\n")
+    if newline:
+        try:
+            json.loads(first_line)
+            return  # JSONL whose rows are arrays: the line-by-line checks say so
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    raise UserInputError(
+        f"{name} ({path.name}) is one JSON array, not JSONL: write one JSON object per line, "
+        f"without the enclosing [ ] (for example with `jq -c '.[]' {path.name} > data.jsonl`)"
+    )
 
 
 def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -> Row | None:

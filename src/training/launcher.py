@@ -34,13 +34,28 @@ LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # workers end themselves when it i
 STOP_GRACE_S = 10
 
 
-def data_parallel_processes() -> int:
+def data_parallel_processes(rows_per_step: int) -> int:
+    """One process per visible GPU (or TRAIN_PROCESSES), but no more than a step has rows:
+    a rank without rows would only wait for the others."""
+    gpus = torch.cuda.device_count()
     configured = os.environ.get(PROCESSES_VARIABLE)
     if configured:
         if not configured.isdigit() or int(configured) < 1:
             raise UserInputError(f"{PROCESSES_VARIABLE} must be a positive whole number")
-        return int(configured)
-    return max(1, torch.cuda.device_count())
+        wanted = int(configured)
+        if gpus and wanted > gpus:
+            raise UserInputError(
+                f"{PROCESSES_VARIABLE}={wanted} asks for more processes than the {gpus} "
+                f"visible GPU(s): one process per GPU at most"
+            )
+    else:
+        wanted = max(1, gpus)
+    if wanted > rows_per_step:
+        log(
+            f"data parallel: {rows_per_step} row(s) per optimizer step, so {rows_per_step} "
+            f"process(es) instead of {wanted} (a process without rows would only wait)"
+        )
+    return max(1, min(wanted, rows_per_step))
 
 
 def launch_workers(config: TrainConfig, data: TrainingData, processes: int) -> Path:

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from src.attention import PackedSegments
 from src.log import Stopwatch, format_duration, log
+from src.modeling import set_activation_checkpointing
 from src.prompt_format import IGNORE_INDEX, encode_chat_prompt, encode_preformatted, is_preformatted
 from src.training.batching import (
     MicroBatch,
@@ -31,9 +32,9 @@ from src.training.batching import (
 )
 from src.training.config import TrainConfig
 from src.training.distributed import World, sum_over_ranks
+from src.training.memory import ForwardPlan, out_of_memory
 
 LOGITS_CHUNK = 1024  # supervised positions per slice of the vocabulary projection
-CPU_FORWARD_TOKENS = 1024  # tokens per forward pass on a CPU (see batching.forward_groups)
 WARMUP_SHARE = 0.03
 MIN_LR_SHARE = 0.1
 MAX_GRAD_NORM = 1.0
@@ -72,6 +73,7 @@ def train_adapter(
     train_rows: list[Row],
     validation_rows: list[Row],
     config: TrainConfig,
+    forwards: ForwardPlan,
     device: torch.device,
     world: World,
 ) -> TrainResult:
@@ -84,93 +86,112 @@ def train_adapter(
     )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
     if world.size > 1:
         _log_data_parallel_plan(config, world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
-    progress = _Progress(total_steps)
-    result = TrainResult()
-    forward_tokens = CPU_FORWARD_TOKENS if device.type == "cpu" else None
     log(
         f"training: {total_steps} optimizer steps over {config.num_train_epochs} epoch(s), "
         f"{sum(p.numel() for p in parameters):,} trainable parameters"
     )
-    for epoch in range(config.num_train_epochs):
-        order = epoch_order(len(train_rows), config.seed, epoch)
-        for plan in optimizer_steps(
-            train_rows,
-            order,
-            config.train_batch_size,
-            config.micro_batch_size,
-            world.rank,
-            world.size,
-        ):
-            if plan.num_targets == 0:
-                # Possible in wrap mode, where a row can hold only prompt tokens: an update
-                # from nothing would be a loss of 0 and a step of pure weight decay.
-                result.skipped_steps += 1
-                scheduler.step()  # the schedule stays on its plan
-                continue
-            started = time.perf_counter()
-            batches = [
-                collate(group)
-                for rows in plan.micro_batches
-                for group in forward_groups(rows, forward_tokens)
-            ]
-            lr = scheduler.get_last_lr()[0]
-            loss = _optimizer_step(model, batches, plan.num_targets, optimizer, device, world)
-            scheduler.step()
-            result.record_step(plan, loss, time.perf_counter() - started)
-            progress.step(result, lr, epoch)
-        if result.skipped_steps:
-            log(
-                f"epoch {epoch + 1}: {result.skipped_steps} optimizer step(s) so far had no "
-                f"supervised token (rows of prompt fragments) and made no update"
-            )
-        if world.is_main:
-            _end_of_epoch(model, tokenizer, validation_rows, config, device, result, epoch)
-        progress.resume()
+    step = _Step(model, optimizer, scheduler, forwards, device, world)
+    progress = _Progress(total_steps)
+    result = TrainResult()
+    try:
+        for epoch in range(config.num_train_epochs):
+            skipped_before = result.skipped_steps
+            order = epoch_order(len(train_rows), config.seed, epoch)
+            for plan in optimizer_steps(
+                train_rows,
+                order,
+                config.train_batch_size,
+                config.micro_batch_size,
+                world.rank,
+                world.size,
+            ):
+                step.take(plan, result, progress, epoch)
+            skipped = result.skipped_steps - skipped_before
+            if skipped:
+                log(
+                    f"epoch {epoch + 1}: {skipped} optimizer step(s) had no supervised token "
+                    f"(rows of prompt fragments only) and made no update"
+                )
+            if world.is_main:
+                _end_of_epoch(model, tokenizer, validation_rows, config, step, result, epoch)
+            progress.resume()
+    except torch.cuda.OutOfMemoryError as error:
+        raise out_of_memory(forwards, error) from None
     result.seconds = progress.clock.elapsed()
     return result
 
 
-def _optimizer_step(
-    model: PeftModel,
-    batches: list[MicroBatch],
-    step_targets: int,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    world: World,
-) -> float:
-    """One update from this rank's micro-batches; returns the step's loss over all ranks."""
-    model.train()
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    loss = accumulate_gradients(model, batches, step_targets, device)
-    if world.size > 1:
-        for parameter in parameters:  # a rank with no rows in this step adds zeros
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        loss_tensor = torch.tensor([loss], device=device)
-        sum_over_ranks([p.grad for p in parameters] + [loss_tensor], world)
-        loss = loss_tensor.item()
-    torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
+@dataclass
+class _Step:
+    """One optimizer step: forward passes as planned, gradients summed over ranks, update."""
+
+    model: PeftModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    forwards: ForwardPlan
+    device: torch.device
+    world: World
+
+    def take(self, plan: StepPlan, result: TrainResult, progress: "_Progress", epoch: int) -> None:
+        if plan.num_targets == 0:
+            # Possible in wrap mode, where a row can hold only prompt tokens: an update from
+            # nothing would be a loss of 0 and a step of pure weight decay.
+            result.skipped_steps += 1
+            progress.step(result, self.scheduler.get_last_lr()[0], epoch, skipped=True)
+            self.scheduler.step()  # the schedule stays on its plan
+            return
+        started = time.perf_counter()
+        batches = [
+            collate(group)
+            for rows in plan.micro_batches
+            for group in forward_groups(rows, self.forwards.tokens)
+        ]
+        lr = self.scheduler.get_last_lr()[0]
+        loss = self._update(batches, plan.num_targets)
+        self.scheduler.step()
+        result.record_step(plan, loss, time.perf_counter() - started)
+        progress.step(result, lr, epoch)
+
+    def _update(self, batches: list[MicroBatch], step_targets: int) -> float:
+        """One update from this rank's passes; returns the step's loss over all ranks."""
+        self.model.train()
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        loss = accumulate_gradients(self.model, batches, step_targets, self.device, self.forwards)
+        if self.world.size > 1:
+            for parameter in parameters:  # a rank with no rows in this step adds zeros
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+            loss_tensor = torch.tensor([loss], device=self.device)
+            sum_over_ranks([p.grad for p in parameters] + [loss_tensor], self.world)
+            loss = loss_tensor.item()
+        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
 
 
 def accumulate_gradients(
-    model: PeftModel, batches: list[MicroBatch], step_targets: int, device: torch.device
+    model: PeftModel,
+    batches: list[MicroBatch],
+    step_targets: int,
+    device: torch.device,
+    forwards: ForwardPlan | None = None,
 ) -> float:
-    """Backward over micro-batches of one step; return their share of the step's mean loss.
+    """Backward over the forward passes of one step; return their share of the step's mean loss.
 
-    Each micro-batch's loss sum is divided by the supervised tokens of the whole step (over all
-    micro-batches and ranks), so the accumulated gradient is that of the mean over the step's
-    tokens, however the step is split.
+    Each pass's loss sum is divided by the supervised tokens of the whole step (over all passes
+    and ranks), so the accumulated gradient is that of the mean over the step's tokens, however
+    the step is split. A pass longer than the plan's limit runs with activation checkpointing.
     """
     total = 0.0
     for batch in batches:
         if batch.num_targets == 0:
             continue
+        if forwards is not None:
+            set_activation_checkpointing(model, forwards.checkpoint(batch.num_real_tokens))
         loss = supervised_loss_sum(model, batch, device) / step_targets
         loss.backward()
         total += loss.item()
@@ -201,16 +222,22 @@ def supervised_loss_sum(model: PeftModel, batch: MicroBatch, device: torch.devic
 
 @torch.no_grad()
 def validation_loss(
-    model: PeftModel, rows: list[Row], batch_size: int, device: torch.device
+    model: PeftModel,
+    rows: list[Row],
+    batch_size: int,
+    device: torch.device,
+    forward_tokens: int | None = None,
 ) -> float:
-    """Token-weighted mean loss over the validation rows, masked as in training."""
+    """Token-weighted mean loss over the validation rows, masked as in training; a batch of
+    rows runs in passes of at most `forward_tokens` tokens (whole rows)."""
     model.eval()
     loss_sum, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size])
-        if batch.num_targets:
-            loss_sum += supervised_loss_sum(model, batch, device).item()
-            count += batch.num_targets
+        for group in forward_groups(rows[start : start + batch_size], forward_tokens):
+            batch = collate(group)
+            if batch.num_targets:
+                loss_sum += supervised_loss_sum(model, batch, device).item()
+                count += batch.num_targets
     return loss_sum / max(count, 1)
 
 
@@ -240,12 +267,19 @@ def _end_of_epoch(
     tokenizer: PreTrainedTokenizerBase,
     validation_rows: list[Row],
     config: TrainConfig,
-    device: torch.device,
+    step: _Step,
     result: TrainResult,
     epoch: int,
 ) -> None:
+    device = step.device
     if validation_rows:
-        loss = validation_loss(model, validation_rows, config.validation_batch_size, device)
+        loss = validation_loss(
+            model,
+            validation_rows,
+            config.validation_batch_size,
+            device,
+            step.forwards.validation_tokens,
+        )
         result.validation_losses.append((result.steps, loss))
         log(
             f"validation: epoch {epoch + 1} | loss {loss:.4f} | "
@@ -296,16 +330,16 @@ class _Progress:
         self.last_time = 0.0
         self.last_tokens = 0
 
-    def step(self, result: TrainResult, lr: float, epoch: int) -> None:
+    def step(self, result: TrainResult, lr: float, epoch: int, skipped: bool = False) -> None:
         done = result.planned_steps_done
-        if done % self.every and done != self.total_steps and result.steps != 1:
+        if done % self.every and done != self.total_steps and done != 1:
             return
         now = self.clock.elapsed()
         rate = (result.tokens_trained - self.last_tokens) / max(now - self.last_time, 1e-9)
         eta = now / done * (self.total_steps - done)
-        loss = result.train_losses[-1][1]
+        loss = "skipped (no supervised token)" if skipped else f"{result.train_losses[-1][1]:.4f}"
         log(
-            f"step {done}/{self.total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
+            f"step {done}/{self.total_steps} | epoch {epoch + 1} | loss {loss} | "
             f"lr {lr:.2e} | {rate:,.0f} tokens/s | eta {format_duration(eta)}"
         )
         self.last_time, self.last_tokens = now, result.tokens_trained

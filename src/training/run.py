@@ -33,7 +33,7 @@ from src.modeling import (
 )
 from src.prompt_format import FORMAT_NAME, render_user_turn
 from src.seeds import derive_seed
-from src.training.batching import PackingStats, build_rows
+from src.training.batching import PackingStats, build_rows, longest_segment
 from src.training.config import TrainConfig
 from src.training.data import (
     Example,
@@ -47,6 +47,7 @@ from src.training.data import (
 from src.training.distributed import World
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter
+from src.training.memory import plan_for_device
 
 
 def run_training(config: TrainConfig) -> Path:
@@ -57,11 +58,14 @@ def run_training(config: TrainConfig) -> Path:
     """
     clock = Stopwatch()
     base = resolve_base_model()
-    log(f"base model: {base.source} ({base.path})")
+    log(f"base model: {base.public_name} ({base.path})")
     check_adapter_size(config, read_model_config(base.path))
     tokenizer = load_tokenizer(base.path)
     data = prepare_examples(config, tokenizer, context_window(base.path))
-    processes = data_parallel_processes()
+    rows, _ = build_rows(
+        data.train, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
+    )
+    processes = data_parallel_processes(rows_per_step=min(config.train_batch_size, len(rows)))
     if processes > 1:
         return launch_workers(config, data, processes)
     archive = train_and_save(config, base, tokenizer, data, World(), clock)
@@ -83,8 +87,17 @@ def train_and_save(
     )
     log_packing(config, stats)
     validation_rows, _ = build_rows(data.validation, pack=False, wrap=False, chunk_size=0)
-
     placement = pick_placement()
+    forwards = plan_for_device(
+        placement,
+        read_model_config(base.path),
+        config.quantize_4bit,
+        config.lora_rank,
+        longest=max(longest_segment(train_rows), longest_segment(validation_rows)),
+    )
+    if world.is_main:
+        log(forwards.describe())
+
     model = None
     try:
         model = load_base_model(base.path, config.quantize_4bit, placement)
@@ -102,7 +115,7 @@ def train_and_save(
         )
         torch.manual_seed(dropout_seed(config.seed, world.rank))
         result = train_adapter(
-            model, tokenizer, train_rows, validation_rows, config, placement.device, world
+            model, tokenizer, train_rows, validation_rows, config, forwards, placement.device, world
         )
         if not world.is_main:
             return None
@@ -115,7 +128,8 @@ def train_and_save(
 
 
 def check_adapter_size(config: TrainConfig, model_config: dict) -> None:
-    """The adapter (fp32) must fit in a weights archive that predict.py accepts."""
+    """The adapter (fp32) must fit in a weights archive that predict.py accepts; one too large
+    to pass back as a data: URI is worth knowing before the training starts."""
     per_rank = 4 * lora_parameters(model_config, 1)
     size = per_rank * config.lora_rank
     if size > MAX_ARCHIVE_BYTES:
@@ -124,6 +138,15 @@ def check_adapter_size(config: TrainConfig, model_config: dict) -> None:
             f"the {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB limit of a weights archive; this base "
             f"model allows lora_rank up to {MAX_ARCHIVE_BYTES // per_rank}"
         )
+    if size * 4 / 3 > COG_BODY_LIMIT:
+        log(
+            f"note: the weights will be about {size / 1e6:,.0f} MB, {size * 4 / 3 / 1e6:,.0f} MB "
+            f"as a data: URI, over Cog's {COG_BODY_LIMIT / 2**20:.0f} MiB request limit: pass "
+            f"them to a predictor by URL or path, not as a data: URI"
+        )
+
+
+COG_BODY_LIMIT = 100 * 2**20  # what Cog's server accepts in one request
 
 
 def dropout_seed(seed: int, rank: int) -> int:
@@ -164,7 +187,7 @@ def prepare_examples(config: TrainConfig, tokenizer: Any, max_tokens: int) -> Tr
         check_lengths(
             train_examples,
             config.chunk_size,
-            f"chunk_size {config.chunk_size:,}: raise chunk_size (up to the model's "
+            f"chunk_size {config.chunk_size}: raise chunk_size (up to the model's "
             f"{max_tokens:,}) or set wrap_packed_sequences",
         )
     check_lengths(validation_examples, max_tokens, context)
@@ -208,11 +231,11 @@ def save_weights(
     out_dir = Path(tempfile.mkdtemp(prefix="llama2-training-"))
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
-    name_the_base_model(adapter_dir / ADAPTER_CONFIG, base.source)
+    name_the_base_model(adapter_dir / ADAPTER_CONFIG, base.public_name)
     metadata = {
         "inputs": config.as_json(),
         "peft_method": config.peft_method,
-        "base_model": {"source": base.source, **base_model_fingerprint(base.path)},
+        "base_model": {"source": base.public_name, **base_model_fingerprint(base.path)},
         "prompt_format": {
             "name": FORMAT_NAME,
             "user_turn": render_user_turn("{prompt}", "{system}"),

@@ -153,7 +153,7 @@ def test_bad_inputs_are_reported_together():
 
 
 def last_logits(model, tokenizer) -> torch.Tensor:
-    ids = torch.tensor([[*encode_chat_prompt(tokenizer, PROMPT), 450, 7483]])
+    ids = torch.tensor([[*encode_chat_prompt(tokenizer, PROMPT), 450, 7483]], device=model.device)
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits[0].float()
 

@@ -42,8 +42,11 @@ def test_unknown_fields_are_ignored_with_one_notice(tmp_path, capsys):
         ('{"text": "a"}\n["text"]\n', "train_data line 2: expected a JSON object, got list"),
         (
             '[{"text": "a"},\n {"text": "b"}]\n',
-            "train_data (data.jsonl) is one JSON array of 2 rows, not JSONL: write one JSON "
-            "object per line",
+            "train_data (data.jsonl) is one JSON array, not JSONL: write one JSON object per line",
+        ),
+        (
+            '[{"text": "a"}, {"text": "b"}]',
+            "train_data (data.jsonl) is one JSON array, not JSONL",
         ),
         ('{"text": 3}\n', 'train_data line 1: "text" must be a string, got int'),
         ('{"text": "  "}\n', 'train_data line 1: "text" is empty'),

@@ -134,3 +134,24 @@ def test_workers_end_when_the_launcher_dies(tiny_model_dir, facts_file):
         )
     finally:
         launcher.kill()
+
+
+def test_more_processes_than_gpus_is_refused_before_anything_starts(monkeypatch):
+    from src.training.launcher import data_parallel_processes
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("TRAIN_PROCESSES", "4")
+    with pytest.raises(UserInputError, match="TRAIN_PROCESSES=4 asks for more processes than"):
+        data_parallel_processes(rows_per_step=8)
+
+
+def test_no_more_processes_than_rows_per_step(monkeypatch, capsys):
+    from src.training.launcher import data_parallel_processes
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("TRAIN_PROCESSES", raising=False)
+    assert data_parallel_processes(rows_per_step=8) == 8
+    assert data_parallel_processes(rows_per_step=4) == 4  # the defaults on 8 GPUs
+    assert "4 row(s) per optimizer step, so 4 process(es) instead of 8" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert data_parallel_processes(rows_per_step=4) == 1  # a CPU

@@ -14,7 +14,14 @@ from src.artifact import read_archive
 from src.errors import UserInputError
 from src.modeling import load_base_model, pick_placement
 from src.prompt_format import encode_chat_prompt
-from tests.helpers import FACTS, FAST_LEARNING, call_train, serve_directory, write_jsonl
+from tests.helpers import (
+    FACTS,
+    FAST_LEARNING,
+    call_train,
+    serve_directory,
+    train_defaults,
+    write_jsonl,
+)
 
 
 def greedy_answer(model, tokenizer, prompt: str) -> str:
@@ -106,7 +113,7 @@ def test_qlora_trains_validates_and_answers_the_validation_prompt(
     assert len(layers) == 7 * model.config.num_hidden_layers
     for layer in layers:
         assert layer.weight.quant_type == "nf4" and layer.weight.quant_state.nested
-        assert layer.compute_dtype == torch.float32  # the CPU placement's dtype
+        assert layer.compute_dtype == pick_placement().dtype  # fp32 on a CPU, bf16 on a GPU
     assert logs.count("validation: epoch") == 2 and logs.count("model answer:") == 2
     metadata = read_archive(archive, tmp_path / "w").metadata
     assert metadata["peft_method"] == "qlora"
@@ -152,7 +159,7 @@ def test_bad_input_fails_before_the_model_loads(
     assert message in str(error.value)
 
 
-def test_steps_without_a_supervised_token_are_skipped_not_trained(base_model_env, tmp_path):
+def test_steps_without_a_supervised_token_are_skipped_not_trained(base_model_env, tmp_path, capsys):
     """Wrapped rows of 16 tokens cut 40-token prompts into fragments with nothing to learn."""
     rows = [{"prompt": "word " * 36 + p, "completion": c} for p, c in FACTS]
     data = write_jsonl(tmp_path / "long_prompts.jsonl", rows)
@@ -168,6 +175,9 @@ def test_steps_without_a_supervised_token_are_skipped_not_trained(base_model_env
     )
     results = read_archive(archive, tmp_path / "w").metadata["results"]
     assert results["skipped_steps"] > 0 and results["optimizer_steps"] > 0
+    logs = capsys.readouterr().out
+    assert f"epoch 1: {results['skipped_steps']} optimizer step(s) had no supervised token" in logs
+    assert "loss 0.0000" not in logs
     assert results["optimizer_steps"] + results["skipped_steps"] == results["train_rows"]
     assert all(loss > 0 for _, loss in results["train_losses"])
     weights = load_file(tmp_path / "w" / "adapter_model.safetensors")
@@ -227,3 +237,85 @@ def test_lora_parameters_of_llama_2_7b():
     config = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
               "num_attention_heads": 32}  # fmt: skip
     assert lora_parameters(config, 8) == 19_988_480
+
+
+def run_as_rank(rank: int, settings: dict, monkeypatch) -> dict:
+    """train_and_save as the given rank runs it (alone: no gradient sum to wait for),
+    recording what rank-dependent code did: validation, and the random state that the first
+    forward pass draws its dropout masks from."""
+    import src.training.loop
+    from src.base_model import resolve_base_model
+    from src.log import Stopwatch
+    from src.modeling import load_tokenizer
+    from src.training.config import build_train_config
+    from src.training.distributed import World
+
+    seen = {"validations": 0, "rng": None, "lora_a": None}
+    validate, forward, add_lora = (
+        src.training.loop.validation_loss,
+        src.training.loop.supervised_loss_sum,
+        src.training.run.add_lora,
+    )
+
+    def counting_validation(*args, **kwargs):
+        seen["validations"] += 1
+        return validate(*args, **kwargs)
+
+    def first_forward(*args, **kwargs):
+        if seen["rng"] is None:
+            seen["rng"] = torch.random.get_rng_state()
+        return forward(*args, **kwargs)
+
+    def lora(*args, **kwargs):
+        model = add_lora(*args, **kwargs)
+        seen["lora_a"] = [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+        return model
+
+    monkeypatch.setattr(src.training.loop, "validation_loss", counting_validation)
+    monkeypatch.setattr(src.training.loop, "supervised_loss_sum", first_forward)
+    monkeypatch.setattr(src.training.run, "add_lora", lora)
+    config = build_train_config(**{**train_defaults(), **settings})
+    base = resolve_base_model()
+    tokenizer = load_tokenizer(base.path)
+    data = src.training.run.prepare_examples(config, tokenizer, 4096)
+    world = World(rank=rank, size=1)  # size 1: no gradient sum waits for other ranks
+    src.training.run.train_and_save(config, base, tokenizer, data, world, Stopwatch())
+    return seen
+
+
+def test_rank_zero_alone_validates_and_every_rank_draws_its_own_dropout(
+    base_model_env, facts_file, monkeypatch
+):
+    settings = dict(train_data=str(facts_file), num_train_epochs=2, lora_dropout=0.1)
+    settings |= dict(num_validation_samples=2)
+    with monkeypatch.context() as patch:
+        rank0 = run_as_rank(0, settings, patch)
+    with monkeypatch.context() as patch:
+        rank1 = run_as_rank(1, settings, patch)
+    with monkeypatch.context() as patch:
+        again = run_as_rank(0, settings, patch)
+    assert rank0["validations"] == 2 and rank1["validations"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(rank0["lora_a"], rank1["lora_a"], strict=True))
+    assert not torch.equal(rank0["rng"], rank1["rng"])  # different dropout masks
+    assert torch.equal(rank0["rng"], again["rng"])  # and a run repeats
+
+
+def test_running_out_of_gpu_memory_names_the_inputs_to_lower(
+    base_model_env, facts_file, monkeypatch
+):
+    import src.training.loop
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "44.35 GiB\nmore allocator details"
+        )
+
+    monkeypatch.setattr(src.training.loop, "supervised_loss_sum", out_of_memory)
+    with pytest.raises(UserInputError) as error:
+        call_train(train_data=str(facts_file), num_train_epochs=1)
+    message = str(error.value)
+    assert message.startswith("the GPU ran out of memory (CUDA out of memory. Tried to allocate")
+    assert "Lower lora_rank, chunk_size or validation_batch_size" in message
+    assert "TRAIN_GPU_MEMORY_GIB" in message and "allocator details" not in message
+    assert error.value.__cause__ is None and error.value.__suppress_context__

@@ -1,0 +1,255 @@
+"""GPU memory plan of a training: tokens per forward pass and where activation checkpointing
+is needed, decided before the model loads from the card's memory and a measured model of what
+a forward pass keeps for its backward pass.
+
+A micro-batch is its rows laid end to end, and segments never attend to each other, so a
+micro-batch can run as several forward passes of whole segments with the same gradient
+(src/training/batching.forward_groups). The plan sets how many tokens one pass may hold:
+  * without checkpointing, every decoder layer keeps about 300 KB per token (Llama-2-7B,
+    bf16): about 9.4 MB per token for the model, so an A40 holds about 3,000 tokens a pass;
+  * with (non-reentrant) checkpointing, a layer keeps only its input (8 KB per token in bf16)
+    and one layer at a time is recomputed in the backward pass: 0.7 MB per token.
+Checkpointing repeats the forward pass (a third more compute), so it is used only for the
+passes that cannot fit without it: a segment longer than what fits without it runs alone,
+checkpointed.
+
+The per-layer costs were measured with torch.autograd.graph.saved_tensors_hooks on decoder
+layers of the 7B shape (tests/training/test_memory.py measures them again and checks these
+figures), and on an H200 (docs/benchmarks.md): LoRA 9.4 MB per token without checkpointing,
+0.68 MB with.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from src.errors import UserInputError
+from src.modeling import Placement, lora_parameters
+
+GIB = 2**30
+BUDGET_VARIABLE = "TRAIN_GPU_MEMORY_GIB"  # hold a larger card to a smaller one's budget
+# Bytes kept per token per decoder layer, as a * hidden_size + b * intermediate_size, in
+# bf16 with LoRA on all linear layers and dropout (CUDA keeps a dropout mask in 1 byte a
+# value): RMSNorm inputs and LoRA inputs in fp32 (peft casts them), q, k, v and the attention
+# output in bf16, the MLP's gate, up and activation in bf16. Llama-2-7B: 309.5 KB.
+LAYER_BYTES_PER_HIDDEN = 46.0
+LAYER_BYTES_PER_MLP = 11.0
+LAYER_BYTES_PER_RANK = 28.0  # each of the 7 LoRA pairs keeps its rank-wide fp32 middle
+LAYER_BYTES = 160.0  # norms' statistics, positions
+# A forward pass without gradients (validation) holds one layer's intermediates at a time.
+INFERENCE_BYTES_PER_HIDDEN = 64.0
+INFERENCE_BYTES_PER_MLP = 8.0
+# The loss keeps an fp32 log-softmax of every supervised position: 4 bytes x vocabulary; the
+# final norm and the selection of supervised positions about 4.5 bytes x hidden_size.
+LOSS_BYTES_PER_VOCAB = 4.0
+HEAD_BYTES_PER_HIDDEN = 4.5
+# Transients: one slice of the vocabulary projection (fp32 logits, softmax, gradient) and
+# the allocator's fragmentation; then what the plan leaves free, in case.
+LOGITS_CHUNK = 1024  # supervised positions per slice (src/training/loop.py)
+ALLOCATOR_SHARE = 0.08
+HEADROOM = GIB
+MAX_TOKENS_PER_FORWARD = 32_768  # beyond this a pass is no faster per token
+CPU_FORWARD_TOKENS = 1024  # on a CPU, passes of about a thousand tokens run fastest
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    mlp: int
+    layers: int
+    vocab: int
+    parameters: int  # of the base model
+
+    @classmethod
+    def of(cls, config: dict) -> "ModelShape":
+        hidden, mlp = config["hidden_size"], config["intermediate_size"]
+        heads = config["num_attention_heads"]
+        kv = hidden * config.get("num_key_value_heads", heads) // heads
+        layers, vocab = config["num_hidden_layers"], config["vocab_size"]
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden
+        embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+        return cls(hidden, mlp, layers, vocab, layers * per_layer + embeddings + hidden)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """What a training of one model, method and rank needs on the device, in bytes."""
+
+    shape: ModelShape
+    quantized: bool
+    lora_rank: int
+
+    @property
+    def weights(self) -> int:
+        shape = self.shape
+        linear = shape.parameters - shape.vocab * shape.hidden * 2 - shape.hidden
+        if not self.quantized:
+            return 2 * shape.parameters  # bf16
+        # NF4: half a byte per weight, one 8-bit scale per 64 (double quantisation), their
+        # own fp32 scales, some slack; embeddings, norms and head stay in bf16.
+        return int(linear * 0.53) + 2 * (shape.parameters - linear)
+
+    @property
+    def lora_parameters(self) -> int:
+        shape = self.shape
+        return lora_parameters(
+            {"hidden_size": shape.hidden, "intermediate_size": shape.mlp,
+             "num_hidden_layers": shape.layers, "num_attention_heads": 1},
+            self.lora_rank,
+        )  # fmt: skip
+
+    @property
+    def trainable_state(self) -> int:
+        """LoRA weights, gradients and AdamW's two moments, all fp32."""
+        return 16 * self.lora_parameters
+
+    @property
+    def fixed(self) -> int:
+        return self.weights + self.trainable_state
+
+    @property
+    def layer_bytes_per_token(self) -> float:
+        shape = self.shape
+        return (
+            LAYER_BYTES_PER_HIDDEN * shape.hidden
+            + LAYER_BYTES_PER_MLP * shape.mlp
+            + LAYER_BYTES_PER_RANK * self.lora_rank
+            + LAYER_BYTES
+        )
+
+    @property
+    def head_bytes_per_token(self) -> float:
+        return LOSS_BYTES_PER_VOCAB * self.shape.vocab + HEAD_BYTES_PER_HIDDEN * self.shape.hidden
+
+    def bytes_per_token(self, checkpointing: bool) -> float:
+        """Kept per token of a pass, every position supervised (text rows: the worst case)."""
+        if checkpointing:
+            kept = 2 * self.shape.hidden * self.shape.layers + self.layer_bytes_per_token
+        else:
+            kept = self.layer_bytes_per_token * self.shape.layers
+        return kept + self.head_bytes_per_token
+
+    @property
+    def inference_bytes_per_token(self) -> float:
+        shape = self.shape
+        per_token = INFERENCE_BYTES_PER_HIDDEN * shape.hidden + INFERENCE_BYTES_PER_MLP * shape.mlp
+        kv_cache = 2 * 2 * shape.hidden * shape.layers  # keys and values, bf16 (generation)
+        return per_token + kv_cache
+
+    @property
+    def transient(self) -> int:
+        return int(3 * 4 * LOGITS_CHUNK * self.shape.vocab)
+
+    def peak(self, tokens: int, checkpointing: bool) -> int:
+        activations = tokens * self.bytes_per_token(checkpointing) + self.transient
+        return int((self.fixed + activations) * (1 + ALLOCATOR_SHARE))
+
+    def most_tokens(self, budget: int, per_token: float) -> int:
+        """The most tokens one pass may hold within `budget` (0: not even the model fits)."""
+        room = (budget - HEADROOM) / (1 + ALLOCATOR_SHARE) - self.fixed - self.transient
+        return max(0, min(MAX_TOKENS_PER_FORWARD, int(room / per_token)))
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How the training loop cuts micro-batches into forward passes."""
+
+    tokens: int | None  # tokens per pass without checkpointing; None: the whole micro-batch
+    checkpointed_tokens: int | None = None  # a longer segment runs alone, checkpointed
+    validation_tokens: int | None = None  # tokens per validation pass (no gradients)
+    estimated_peak: int | None = None
+    budget: int | None = None
+
+    def checkpoint(self, tokens: int) -> bool:
+        return self.tokens is not None and tokens > self.tokens
+
+    def describe(self) -> str:
+        if self.tokens is None:
+            return "memory plan: whole micro-batches per forward pass"
+        if self.budget is None:
+            return f"forward passes of up to {self.tokens:,} tokens (the fastest size on a CPU)"
+        checkpointing = (
+            f"activation checkpointing for segments longer than {self.tokens:,} tokens (up "
+            f"to {self.checkpointed_tokens:,})"
+            if self.checkpointed_tokens
+            else "activation checkpointing off"
+        )
+        return (
+            f"memory plan: up to {self.tokens:,} tokens per forward pass, {checkpointing}, "
+            f"estimated peak {self.estimated_peak / GIB:.1f} of {self.budget / GIB:.1f} GiB"
+        )
+
+
+def plan_forwards(model: MemoryModel, budget: int, longest_segment: int) -> ForwardPlan:
+    """The plan for one device; raises UserInputError for what cannot fit at all.
+
+    `longest_segment` is the longest example (or wrapped fragment) of training and
+    validation: a pass never splits one.
+    """
+    fits = model.most_tokens(budget, model.bytes_per_token(checkpointing=False))
+    validation = model.most_tokens(budget, model.inference_bytes_per_token)
+    if longest_segment <= fits:
+        peak = model.peak(fits, checkpointing=False)
+        return ForwardPlan(fits, None, validation, peak, budget)
+    fits_checkpointed = model.most_tokens(budget, model.bytes_per_token(checkpointing=True))
+    if longest_segment > fits_checkpointed:
+        raise _too_large(model, budget, longest_segment)
+    peak = max(model.peak(fits, False), model.peak(longest_segment, True))
+    return ForwardPlan(fits, fits_checkpointed, validation, peak, budget)
+
+
+def _too_large(model: MemoryModel, budget: int, longest: int) -> UserInputError:
+    available = f"{budget / GIB:.1f} GiB available"
+    if model.fixed + HEADROOM > budget:
+        lora = model.trainable_state / GIB
+        return UserInputError(
+            f"the base model's weights ({model.weights / GIB:.1f} GiB) and the LoRA weights "
+            f"with their optimizer state ({lora:.1f} GiB) need {model.fixed / GIB:.1f} GiB "
+            f"before any activation, more than the {available}: lower lora_rank"
+            + ("" if model.quantized else ", or set peft_method to qlora")
+        )
+    needed = model.peak(longest, checkpointing=True) / GIB
+    return UserInputError(
+        f"a training row of {longest:,} tokens needs about {needed:.1f} GiB even with "
+        f"activation checkpointing, more than the {available}: lower chunk_size or shorten "
+        f"the longest rows" + ("" if model.quantized else ", or set peft_method to qlora")
+    )
+
+
+def memory_budget(free_bytes: int) -> int:
+    """The device's free memory, or less where the operator set TRAIN_GPU_MEMORY_GIB."""
+    configured = os.environ.get(BUDGET_VARIABLE)
+    if not configured:
+        return free_bytes
+    try:
+        budget = float(configured) * GIB
+    except ValueError as error:
+        raise UserInputError(
+            f"{BUDGET_VARIABLE} must be a number of GiB, got {configured!r}"
+        ) from error
+    if budget <= 0:
+        raise UserInputError(f"{BUDGET_VARIABLE} must be positive, got {configured!r}")
+    return int(min(budget, free_bytes))
+
+
+def plan_for_device(
+    placement: Placement, model_config: dict, quantized: bool, lora_rank: int, longest: int
+) -> ForwardPlan:
+    """The plan on this process's device: measured free memory on a GPU; on a CPU, passes
+    of CPU_FORWARD_TOKENS (speed, not memory, decides there)."""
+    if placement.device.type != "cuda":
+        return ForwardPlan(CPU_FORWARD_TOKENS, validation_tokens=CPU_FORWARD_TOKENS)
+    model = MemoryModel(ModelShape.of(model_config), quantized, lora_rank)
+    free, _ = torch.cuda.mem_get_info(placement.device)
+    return plan_forwards(model, memory_budget(free), longest)
+
+
+def out_of_memory(plan: ForwardPlan, error: BaseException) -> UserInputError:
+    """What to tell a user whose training still ran out of GPU memory."""
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UserInputError(
+        f"the GPU ran out of memory ({first_line}); {plan.describe()}. Lower lora_rank, "
+        f"chunk_size or validation_batch_size, or set {BUDGET_VARIABLE} below the card's "
+        f"memory so that the plan leaves more room"
+    )
