@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint schema bench bench-smoke image clean
+.PHONY: demo test lint schema bench bench-smoke image push clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-smoke: $(BIN)/.installed
 # resolves coglet at build time unless COGLET_WHEEL names one.
 image:
 	COGLET_WHEEL=pypi:0.23.1 cog build
+
+push:  # make push MODEL=r8.im/<you>/<model>
+	COGLET_WHEEL=pypi:0.23.1 cog push $(MODEL)
 
 schema: $(BIN)/.installed
 	$(BIN)/python -m tools.cog_openapi

@@ -192,7 +192,11 @@ def section_attention() -> dict:
         mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()
         mask = (mask & (segment_ids[:, None] == segment_ids[None, :])).to(DEVICE)
         torch.manual_seed(count)
-        inputs = [torch.randn(1, heads, tokens, dim, device=DEVICE, dtype=dtype) for _ in range(3)]
+        # (1, H, L, D) views of (1, L, H, D) memory, as the model's projections lay them out
+        inputs = [
+            torch.randn(1, tokens, heads, dim, device=DEVICE, dtype=dtype).transpose(1, 2)
+            for _ in range(3)
+        ]
         grad_out = torch.randn(1, tokens, heads, dim, device=DEVICE, dtype=dtype)
         paths = _attention_paths(segments, mask, dim**-0.5, varlen_supported(inputs[0]))
         reference_grads = _attention_grads(paths["dense_mask"], inputs, grad_out, torch.float32)
@@ -258,84 +262,125 @@ def training_cases() -> dict[str, list]:
     }
 
 
-def measure_training(model, rows: list, checkpointing: bool, steps: int = 2) -> dict:
-    """Optimizer steps on one micro-batch through this project's loss and backward."""
-    from src.modeling import set_activation_checkpointing
-    from src.training.batching import collate
+def llama_7b_config() -> dict:
+    return {"vocab_size": 32000, "num_key_value_heads": SHAPE["num_attention_heads"], **SHAPE}
+
+
+def measure_training(model, rows: list, plan, steps: int = 2) -> dict:
+    """Optimizer steps on one micro-batch as the loop runs it: passes as planned, AdamW."""
+    from src.training.batching import collate, forward_groups
     from src.training.loop import accumulate_gradients
 
-    set_activation_checkpointing(model, checkpointing)  # add_lora prepared it, off
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
-    batch = collate(rows)
+    batches = [collate(group) for group in forward_groups(rows, plan.tokens)]
+    targets = sum(b.num_targets for b in batches)
     reset_peak()
-    before = memory_allocated()
     timings = []
     for _ in range(steps + 1):
         synchronize()
         started = time.perf_counter()
-        accumulate_gradients(model, [batch], batch.num_targets, DEVICE)
+        loss = accumulate_gradients(model, batches, targets, DEVICE, plan)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize()
         timings.append(time.perf_counter() - started)
     seconds = statistics.median(timings[1:])
-    tokens = batch.num_real_tokens
     width, layers = SHAPE["hidden_size"], SHAPE["num_hidden_layers"]
-    matmul_parameters = (
-        layers * (4 * width**2 + 3 * width * SHAPE["intermediate_size"]) + width * 32000
-    )
-    causal_pairs = sum(n * n / 2 for n in batch.segment_lengths)
-    attention_forward = 4 * width * layers * causal_pairs
-    passes = 4 if checkpointing else 3  # attention: forward, backward (2x), recomputed forward
-    flops = (6 if checkpointing else 4) * matmul_parameters * tokens + passes * attention_forward
+    matmul = layers * (4 * width**2 + 3 * width * SHAPE["intermediate_size"]) + width * 32000
+    flops = 0.0
+    for batch in batches:  # a checkpointed pass repeats its forward: 6x instead of 4x
+        checkpointed = plan.checkpoint(batch.num_real_tokens)
+        attention = 4 * width * layers * sum(n * n / 2 for n in batch.segment_lengths)
+        flops += (6 if checkpointed else 4) * matmul * batch.num_real_tokens
+        flops += (4 if checkpointed else 3) * attention
+    tokens = sum(b.num_real_tokens for b in batches)
+    del optimizer
     return {
-        "checkpointing": checkpointing,
         "tokens": tokens,
-        "segments": len(batch.segment_lengths),
+        "passes": len(batches),
+        "checkpointed_passes": sum(plan.checkpoint(b.num_real_tokens) for b in batches),
+        "loss": loss,
         "seconds_per_step": seconds,
         "tokens_per_second": tokens / seconds,
         "tflops": flops / seconds / 1e12,
-        "allocated_before_gib": gib(before),
         "peak_allocated_gib": gib(peak_allocated()),
         "peak_reserved_gib": gib(peak_reserved()),
     }
 
 
 def section_training(peaks: dict) -> dict:
+    """LoRA and QLoRA through the loop, planned for an A40's 44 GiB and for the whole card."""
     from src.attention import NAME
     from src.modeling import add_lora
+    from src.training.batching import longest_segment
+    from src.training.memory import GIB, MemoryModel, ModelShape, plan_forwards
 
     cases = training_cases()
-    runs = []
+    runs: list[dict] = []
     for method in ("lora", "qlora"):
         model = build_llama_7b(NAME)
         if method == "qlora":
             quantize_to_nf4(model)
         model = add_lora(model, LORA["rank"], LORA["alpha"], LORA["dropout"], method == "qlora")
-        fixed = gib(memory_allocated())
-        print(f"{method}: model ready, {fixed:.1f} GiB allocated", flush=True)
-        plans = [(method, case, ckpt) for case in cases for ckpt in (False, True)]
-        if method == "qlora":  # the lever: norms, embeddings and head kept in bf16
-            plans.append(("qlora, non-quantised in bf16", "packed 4 x 2048", True))
-        for label, case, checkpointing in plans:
-            if label == "qlora, non-quantised in bf16":
-                for parameter in model.parameters():
-                    if parameter.dtype == torch.float32 and not parameter.requires_grad:
-                        parameter.data = parameter.data.to(torch.bfloat16)
-            run = {"method": label, "case": case, "model_gib": fixed}
-            try:
-                run |= measure_training(model, cases[case], checkpointing)
-                run |= _mfu(run["tflops"], peaks)
-            except torch.cuda.OutOfMemoryError as error:
-                run |= {"checkpointing": checkpointing, "error": f"out of memory: {error}"[:200]}
-            reset_peak()
-            runs.append(run)
-            print(json.dumps(run), flush=True)
+        memory = MemoryModel(ModelShape.of(llama_7b_config()), method == "qlora", LORA["rank"])
+        if DEVICE.type == "cuda":
+            card = torch.cuda.mem_get_info()[0] + memory_allocated()
+            budgets = {"A40 (44 GiB)": 44 * GIB, "whole card": card}
+        else:  # --smoke on a CPU: the script itself, with budgets the tiny model fits
+            card = 4 * GIB
+            budgets = {"A40 (44 GiB)": 3 * GIB, "whole card": card}
+        print(f"{method}: model ready, {gib(memory_allocated()):.1f} GiB allocated", flush=True)
+        for budget_name, budget in budgets.items():
+            for case, rows in cases.items():
+                if budget_name == "whole card" and case == "long row 4096":
+                    continue
+                run = {"method": method, "budget": budget_name, "case": case}
+                try:
+                    plan = plan_forwards(memory, budget, longest_segment(rows))
+                    run |= {"plan": plan.describe(), "estimated_peak_gib": gib(plan.estimated_peak)}
+                    run |= measure_training(model, rows, plan)
+                    run |= _mfu(run["tflops"], peaks)
+                    run["within_budget"] = run["peak_allocated_gib"] <= gib(budget)
+                except Exception as error:  # an OOM or a refusal is a result too
+                    run["error"] = f"{type(error).__name__}: {error}"[:300]
+                reset_peak()
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+        if method == "qlora":
+            runs.append(_qlora_upcast(model, cases["packed 4 x 2048"], memory, peaks, card))
+            print(json.dumps(runs[-1]), flush=True)
         del model
         reset_peak()
     return {"training": runs}
+
+
+def _qlora_upcast(model, rows: list, memory, peaks: dict, budget: int) -> dict:
+    """peft's prepare_model_for_kbit_training (fp32 embeddings, norms, head) against ours."""
+    from peft import prepare_model_for_kbit_training
+
+    from src.training.batching import collate, longest_segment
+    from src.training.loop import supervised_loss_sum
+    from src.training.memory import plan_forwards
+
+    batch = collate(rows)
+    with torch.no_grad():
+        ours = supervised_loss_sum(model.eval(), batch, DEVICE).item() / batch.num_targets
+        prepare_model_for_kbit_training(model.get_base_model(), use_gradient_checkpointing=False)
+        for name, parameter in model.named_parameters():  # prepare froze everything
+            parameter.requires_grad_("lora_" in name)
+        upcast = supervised_loss_sum(model.eval(), batch, DEVICE).item() / batch.num_targets
+    run = {"method": "qlora, peft's fp32 upcast", "case": "packed 4 x 2048"}
+    run |= {"loss_bf16_parts": ours, "loss_fp32_parts": upcast}
+    run["loss_relative_difference"] = abs(ours - upcast) / abs(upcast)
+    try:
+        plan = plan_forwards(memory, budget, longest_segment(rows))  # planned as bf16 parts
+        run |= measure_training(model, rows, plan) | {"plan": plan.describe()}
+        run |= _mfu(run["tflops"], peaks)
+    except Exception as error:
+        run["error"] = f"{type(error).__name__}: {error}"[:300]
+    return run
 
 
 def _mfu(tflops: float, peaks: dict) -> dict:
@@ -345,174 +390,238 @@ def _mfu(tflops: float, peaks: dict) -> dict:
     }
 
 
-def section_serving() -> dict:
-    """Fidelity of served adapters in bf16 against the trained model in fp32; drift; decode."""
+def section_bandwidth() -> dict:
+    size = 4 * 2**30 // SCALE**2
+    source = torch.empty(size, dtype=torch.uint8, device=DEVICE)
+    target = torch.empty_like(source)
+    seconds = median_time(lambda: target.copy_(source), repeats=10)
+    return {"copy_bandwidth_gbps": 2 * size / seconds / 1e9}  # bytes read and written
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def section_serving(method: str = "lora") -> dict:
+    """The product's predictor (src/serving/chat.py) on a saved Llama-2-7B: setup, fidelity of
+    the served adapter, drift over 100 swaps, decode speed; merging alongside, as the option
+    not taken. For QLoRA weights (served on the 4-bit base): setup and decode."""
+    import os
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="llama7b-"))
+    results: dict = {}
+    started = time.perf_counter()
+    model_dir, archives = write_model_and_adapters(folder, method)
+    results["write_model_seconds"] = time.perf_counter() - started
+    os.environ["BASE_MODEL"] = str(model_dir)
+    from src.serving.chat import ChatModel
+
+    started = time.perf_counter()
+    chat = ChatModel(str(archives[0]))
+    synchronize()
+    results["setup_seconds"] = time.perf_counter() - started
+    results["base_gib"] = gib(memory_allocated())
+    if method == "lora":
+        results |= _fidelity(chat, model_dir, archives)
+        print(json.dumps(results), flush=True)
+    results |= _decode(chat, archives)
+    print(json.dumps(results), flush=True)
+    return {f"serving_{method}": results}
+
+
+def write_model_and_adapters(folder: Path, method: str = "lora") -> tuple[Path, list[Path]]:
+    """Llama-2-7B with random weights, saved as a Hugging Face folder with the Llama-2
+    tokenizer, and two training archives of this project's format with random adapters."""
+    import shutil
+
     from peft import LoraConfig, get_peft_model
 
+    from src.artifact import FORMAT_VERSION, base_model_fingerprint, plot_losses, write_archive
     from src.modeling import LORA_TARGET_MODULES
+    from tools.tiny_model import TOKENIZER_FIXTURE
 
-    results: dict = {}
+    model_dir = folder / "model"
     model = build_llama_7b("sdpa")
-    model.config.use_cache = True
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for item in TOKENIZER_FIXTURE.iterdir():
+        shutil.copy(item, model_dir / item.name)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES, lora_dropout=0.0)
-    model = get_peft_model(model, lora, adapter_name="a")
-    model.add_adapter("b", lora)
-    for index, name in enumerate(("a", "b")):  # a trained-looking delta: rms about 2e-4
-        generator = torch.Generator(device=DEVICE).manual_seed(index)
-        for module in model.modules():
-            if hasattr(module, "lora_B") and name in module.lora_B:
-                weight = module.lora_B[name].weight
-                weight.data = 4e-3 * torch.randn(
-                    weight.shape, device=DEVICE, generator=generator, dtype=weight.dtype
-                )
-    model.set_adapter("a")
-    model.eval()
-    targets = {n: m for n, m in model.named_modules() if hasattr(m, "lora_B")}
-    first = next(iter(targets.values()))
-    results["adapter_dtype"] = str(first.lora_B["a"].weight.dtype)
-    results["base_dtype"] = str(first.base_layer.weight.dtype)
-    deltas = [m.get_delta_weight("a").float() for m in list(targets.values())[:8]]
-    results["delta_rms"] = float(
-        torch.cat([d.detach().flatten() for d in deltas]).square().mean().sqrt()
-    )
-    prompts = torch.randint(3, 32000, (4, 128 // SCALE), generator=torch.Generator().manual_seed(0))
-    prompts = prompts.to(DEVICE)
-
-    def logits() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([model(input_ids=p[None]).logits.float() for p in prompts])
-
-    pristine = {n: m.base_layer.weight.detach().clone() for n, m in targets.items()}
-    bf16_unmerged = logits()
-    with torch.no_grad():  # the trained model in fp32: the same weights, upcast
-        model.float()
-        reference = logits()
-        model.to(torch.bfloat16)
-        for module in targets.values():
-            for name in ("a", "b"):
-                module.lora_A[name].float()
-                module.lora_B[name].float()
+    archives = []
+    peft_model = get_peft_model(model, lora)
+    for index in range(2):
+        torch.manual_seed(100 + index)
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # a trained-looking delta: rms about 2e-4
+                torch.nn.init.normal_(parameter, std=4e-3)
+        adapter_dir = folder / f"adapter{index}"
+        peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+        metadata = {
+            "format": FORMAT_VERSION, "peft_method": method, "inputs": {},
+            "base_model": {"source": str(model_dir), **base_model_fingerprint(model_dir)},
+        }  # fmt: skip
+        curve = plot_losses([], [], folder / f"curve{index}.png")
+        archives.append(write_archive(adapter_dir, metadata, curve, folder / f"w{index}.tar"))
+    del model, peft_model
     reset_peak()
-    results["bound_bf16_unmerged_vs_fp32"] = float((bf16_unmerged - reference).abs().max())
-    model.merge_adapter()
-    results["merged_bf16_vs_fp32"] = float((logits() - reference).abs().max())
-    model.unmerge_adapter()
-    with torch.no_grad(), model.disable_adapter():  # merge in fp32 from pristine, cast once
-        for name, module in targets.items():
-            merged = pristine[name].float() + module.get_delta_weight("a").float()
-            module.base_layer.weight.copy_(merged.to(torch.bfloat16))
-        results["fp32_merge_cast_once_vs_fp32"] = float((logits() - reference).abs().max())
-        for name, module in targets.items():
-            module.base_layer.weight.copy_(pristine[name])
-    print(json.dumps(results), flush=True)
-    results |= _drift(model, targets, pristine)
-    print(json.dumps(results), flush=True)
-    results |= _decode(model, prompts[0, : 64 // SCALE])
-    return {"serving": results}
+    return model_dir, archives
 
 
-def _drift(model, targets: dict, pristine: dict, swaps: int = 100) -> dict:
-    """peft's merge/unmerge in bf16, alternating two adapters, against the loaded weights."""
-    synchronize()
-    started = time.perf_counter()
-    for swap in range(swaps):
-        model.set_adapter("a" if swap % 2 == 0 else "b")
-        model.merge_adapter()
-        model.unmerge_adapter()
-    synchronize()
-    per_swap = (time.perf_counter() - started) / swaps
-    changed = total = 0
-    worst = 0.0
-    delta_rms = []
-    with torch.no_grad():
-        for name, module in targets.items():
-            now, then = module.base_layer.weight, pristine[name]
-            changed += int((now != then).sum())
-            total += now.numel()
-            worst = max(worst, float((now.float() - then.float()).abs().max()))
-            delta_rms.append(float(module.get_delta_weight("a").float().square().mean().sqrt()))
-            now.copy_(then)
-    model.set_adapter("a")
-    return {
-        "drift_swaps": swaps,
-        "drift_changed_share": changed / total,
-        "drift_max_abs": worst,
-        "drift_max_over_delta_rms": worst / statistics.mean(delta_rms),
-        "peft_merge_unmerge_seconds": per_swap,
+def _fidelity(chat, model_dir: Path, archives: list[Path]) -> dict:
+    from peft import PeftModel
+
+    from src.modeling import Placement, load_base_model
+    from src.prompt_format import encode_chat_prompt
+    from src.serving.decoding import EagerDecoder
+
+    prompts = [
+        "Tell me about the llamas of the high Andes.", "What is the capital of Zorbia?",
+        "Write a haiku about GPUs.", "Explain LoRA in one sentence.",
+    ]  # fmt: skip
+    ids = [encode_chat_prompt(chat.tokenizer, p) for p in prompts]
+
+    def logits(model) -> torch.Tensor:
+        decoder = EagerDecoder(model)
+        with torch.no_grad():
+            return torch.cat([decoder.prefill(i, 1).float() for i in ids])
+
+    folder = chat.store.unpack(str(archives[0])).folder
+    served = logits(chat.model)
+    trained_bf16 = PeftModel.from_pretrained(
+        load_base_model(model_dir, False, Placement(DEVICE, torch.bfloat16), "sdpa"), folder
+    ).eval()
+    in_bf16 = logits(trained_bf16)
+    reference_model = PeftModel.from_pretrained(
+        load_base_model(model_dir, False, Placement(DEVICE, torch.float32), "sdpa"), folder
+    ).eval()
+    reference = logits(reference_model)
+    del reference_model
+    reset_peak()
+    results = {
+        "bound_trained_bf16_vs_fp32": float((in_bf16 - reference).abs().max()),
+        "served_vs_fp32": float((served - reference).abs().max()),
     }
+    # The chosen method: 100 swaps, the base compared bit for bit with a fresh load.
+    first = served
+    started = time.perf_counter()
+    for swap in range(100):
+        chat.use_weights(str(archives[1] if swap % 2 == 0 else archives[0]))
+    synchronize()
+    results["swap_seconds"] = (time.perf_counter() - started) / 100
+    pristine = trained_bf16.get_base_model().state_dict()
+    now = chat.model.get_base_model().state_dict()
+    results["base_bit_identical_after_100_swaps"] = all(
+        torch.equal(tensor, now[name]) for name, tensor in pristine.items() if name in now
+    )
+    results["logits_equal_after_100_swaps"] = bool(torch.equal(logits(chat.model), first))
+    # The option not taken: peft's merge in bf16, then 100 unmerge/merge swaps.
+    trained_bf16.merge_adapter()
+    results["merged_bf16_vs_fp32"] = float((logits(trained_bf16) - reference).abs().max())
+    trained_bf16.unmerge_adapter()
+    fresh = load_base_model(model_dir, False, Placement(DEVICE, torch.bfloat16), "sdpa")
+    trained_bf16.load_adapter(str(chat.store.unpack(str(archives[1])).folder), "other")
+    for swap in range(100):
+        trained_bf16.set_adapter("other" if swap % 2 == 0 else "default")
+        trained_bf16.merge_adapter()
+        trained_bf16.unmerge_adapter()
+    drifted = trained_bf16.get_base_model().state_dict()
+    changed = total = 0
+    for name, tensor in fresh.state_dict().items():
+        key = next(
+            (k for k in (name, name.replace(".weight", ".base_layer.weight")) if k in drifted), None
+        )
+        if key is not None:
+            changed += int((drifted[key] != tensor).sum())
+            total += tensor.numel()
+    results["merge_unmerge_changed_share_after_100_swaps"] = changed / max(total, 1)
+    del trained_bf16, fresh
+    reset_peak()
+    return results
 
 
-def _decode(model, prompt: torch.Tensor, new_tokens: int = 128) -> dict:
-    from src.serving.generation import SamplingSettings, sample_tokens
+PROMPT = "Tell me about the llamas of the high Andes and how they are cared for."
+SYSTEM = "You are a helpful assistant."
+
+
+def _decode(chat, archives: list[Path], new_tokens: int = 128) -> dict:
+    """predict.py's path (CUDA graphs) against `generate` on the same model, same settings."""
+    from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
+    from src.serving.chat import build_chat_request
+    from src.serving.generation import GenerationStats
 
     new_tokens //= SCALE
-    settings = SamplingSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=0)
-    out: dict = {"decode_new_tokens": new_tokens, "prompt_tokens": prompt.numel()}
-    for label in ("unmerged", "merged"):
-        if label == "merged":
-            model.merge_adapter()
 
-        def own_loop() -> None:
-            for _ in sample_tokens(model, prompt.tolist(), settings, eos_token_id=2):
-                pass
+    def run(weights: str | None = None):
+        stats = GenerationStats()
+        request = build_chat_request(
+            prompt=PROMPT, system_prompt=SYSTEM, prompt_template=DEFAULT_PROMPT_TEMPLATE,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.7, top_p=0.95,
+            top_k=-1, repetition_penalty=1.15, stop_sequences=None, seed=0,
+            replicate_weights=weights, debug=False,
+        )  # fmt: skip
+        started = time.perf_counter()
+        for _ in chat.chat(request, stats):
+            pass
+        return stats, time.perf_counter() - started
 
-        def generate(tokens: int = new_tokens) -> None:
-            model.generate(
-                input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]),
-                max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=0.7,
-                top_p=0.95, repetition_penalty=1.15, pad_token_id=2,
-            )  # fmt: skip
+    out: dict = {"decode_new_tokens": new_tokens}
+    out["first_request_seconds"] = run()[1]  # captures the graph of this adapter and bucket
+    stats, _ = run()
+    out["predictor_ttft_seconds"] = stats.time_to_first_token
+    out["predictor_tokens_per_second"] = stats.tokens_per_second
+    out["swap_first_request_seconds"] = run(str(archives[1]))[1]
+    out["predictor_other_adapter_tokens_per_second"] = run(str(archives[1]))[0].tokens_per_second
+    out["predictor_base_tokens_per_second"] = _base_decode(chat, run)
+    out["graphs_captured"] = len(getattr(chat.decoder, "graphs", {}))
+    ids = torch.tensor([encode_chat_prompt(chat.tokenizer, PROMPT, SYSTEM)], device=DEVICE)
 
-        seconds = median_time(own_loop, repeats=1, warmup=1)
-        out[f"own_loop_{label}_tokens_per_second"] = new_tokens / seconds
-        seconds = median_time(generate, repeats=1, warmup=1)
-        out[f"generate_{label}_tokens_per_second"] = new_tokens / seconds
-        if DEVICE.type == "cuda":
-            try:
-                out[f"cuda_graph_{label}_tokens_per_second"] = _graphed_decode(
-                    model, prompt, new_tokens
-                )
-            except Exception as error:  # a probe: record why it could not run
-                out[f"cuda_graph_{label}_error"] = "".join(traceback.format_exception(error))[
-                    -1500:
-                ]
-        print(json.dumps(out), flush=True)
-    model.unmerge_adapter()
+    def generate(tokens: int) -> float:
+        started = time.perf_counter()
+        chat.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+            min_new_tokens=tokens, do_sample=True, temperature=0.7, top_p=0.95,
+            repetition_penalty=1.15, pad_token_id=2,
+        )  # fmt: skip
+        synchronize()
+        return time.perf_counter() - started
+
+    generate(4)
+    first, whole = generate(1), generate(new_tokens)
+    out["generate_ttft_seconds"] = first
+    out["generate_tokens_per_second"] = (new_tokens - 1) / (whole - first)
+    weight_bytes = sum(p.numel() * p.element_size() for p in chat.model.parameters())
+    out["bytes_read_per_token_gb"] = weight_bytes / 1e9
+    if DEVICE.type == "cuda":
+        out |= _profile_step(chat)
     return out
 
 
-def _graphed_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Probe: greedy decode replaying one CUDA graph per token over a static KV cache."""
-    from transformers import StaticCache
+def _base_decode(chat, run) -> float:
+    chat.setup_weights = None  # requests without replicate_weights now get the plain base
+    run()
+    return run()[0].tokens_per_second
 
-    config = model.config
-    cache = StaticCache(config=config, max_cache_len=prompt.numel() + new_tokens + 8)
+
+def _profile_step(chat) -> dict:
+    """One eager decode step under the profiler: kernels launched and their device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from src.prompt_format import encode_chat_prompt
+    from src.serving.decoding import GraphedDecoder
+
+    decoder = GraphedDecoder(chat.model, chat.context_window, graphs=False)
     with torch.no_grad():
-        logits = model(input_ids=prompt[None], cache=cache, use_cache=True, logits_to_keep=1).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-        position = torch.tensor([[prompt.numel()]], device=DEVICE)
-
-        def step() -> torch.Tensor:
-            return model(input_ids=token, position_ids=position, cache=cache, use_cache=True).logits
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            graph_logits = step()
-
-        def decode() -> None:
-            for _ in range(new_tokens):
-                graph.replay()
-                token.copy_(graph_logits[:, -1].argmax(-1, keepdim=True))
-                position.add_(1)
-                int(token)  # the host sync a streaming loop makes per token
-
-        return new_tokens / median_time(decode, repeats=1, warmup=0)
+        token = decoder.prefill(encode_chat_prompt(chat.tokenizer, PROMPT), 8).argmax(-1, True)
+        decoder.step(token)
+        synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            decoder.step(token)
+            synchronize()
+    kernels = [e for e in profiler.events() if e.device_type.name == "CUDA"]
+    return {
+        "eager_step_kernels": len(kernels),
+        "eager_step_kernel_ms": sum(e.device_time_total for e in kernels) / 1000,
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -529,7 +638,7 @@ def main() -> None:
     global DEVICE, SCALE
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--sections", default="env,matmul,attention,training,serving")
+    parser.add_argument("--sections", default="env,matmul,bandwidth,attention,training,serving")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: the script itself")
     args = parser.parse_args()
     if args.smoke:
@@ -544,9 +653,11 @@ def main() -> None:
     sections = {
         "env": section_env,
         "matmul": section_matmul,
+        "bandwidth": section_bandwidth,
         "attention": section_attention,
         "training": lambda: section_training(peaks),
         "serving": section_serving,
+        "serving_qlora": lambda: section_serving("qlora"),
     }
     for name in args.sections.split(","):
         started = time.perf_counter()

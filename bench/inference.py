@@ -1,10 +1,13 @@
 """Inference: predict.py's generation against plain transformers `generate`, and adapter swaps.
 
+The adapter is served unmerged (src/serving/chat.py); its decode speed merged into the base
+is measured alongside, as the option not taken.
+
     python -m bench.inference MODEL_DIR [--new-tokens 64]
 
 Time to first token and decode tokens per second for the same prompt and sampling settings;
-then the time for a request to switch to another training's weights, cold (unpack, load,
-merge) and warm (cached: unmerge, merge).
+then the time for a request to switch to another training's weights, cold (unpack, load)
+and warm (cached: a flag).
 """
 
 import argparse
@@ -100,13 +103,15 @@ def measure(model_dir: Path, new_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         archives = adapter_archives(model_dir, Path(tmp))
         chat_model = ChatModel(archives[0])
-        return {
+        result = {
             "hidden_size": json.loads((model_dir / "config.json").read_text())["hidden_size"],
             "predictor": predictor_timings(chat_model, new_tokens),
             "generate": generate_timings(chat_model, new_tokens),
-            **swap_timings(chat_model, archives),
-            "peak_rss_mib": peak_rss_mib(),
         }
+        chat_model.model.merge_adapter()  # the option not taken, for its decode speed
+        result["predictor_merged"] = predictor_timings(chat_model, new_tokens)
+        chat_model.model.unmerge_adapter()
+        return {**result, **swap_timings(chat_model, archives), "peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:

@@ -135,8 +135,8 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "| inference model | predictor TTFT | generate TTFT | predictor decode | generate decode "
-        "| swap cold | swap warm |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| merged decode | swap cold | swap warm |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for size, r in results["inference"].items():
         lines.append(
@@ -145,6 +145,7 @@ def markdown(results: dict) -> str:
             f"{r['generate']['time_to_first_token'] * 1000:.0f} ms | "
             f"{r['predictor']['decode_tokens_per_second']:.1f} tok/s | "
             f"{r['generate']['decode_tokens_per_second']:.1f} tok/s | "
+            f"{r['predictor_merged']['decode_tokens_per_second']:.1f} tok/s | "
             f"{r['adapter_swap_cold_seconds'] * 1000:.0f} ms | "
             f"{r['adapter_swap_warm_seconds'] * 1000:.0f} ms |"
         )

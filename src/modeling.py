@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -53,7 +54,8 @@ def pick_placement() -> Placement:
     if torch.cuda.is_available():
         return Placement(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
     driver = nvidia_driver_version()
-    if driver is not None:
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")  # hidden on purpose
+    if driver is not None and not hidden:
         cuda = torch.version.cuda or "none (a CPU-only build)"
         raise RuntimeError(
             f"this machine has an NVIDIA GPU (driver {driver}) that torch {torch.__version__} "
@@ -118,8 +120,11 @@ def split_words_for_speed(tokenizer: PreTrainedTokenizerBase) -> None:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
 
 
-def load_base_model(model_dir: Path, quantize_4bit: bool, placement: Placement) -> PreTrainedModel:
-    """The frozen base: in the placement's dtype, or in 4-bit NF4 with double quantisation."""
+def load_base_model(
+    model_dir: Path, quantize_4bit: bool, placement: Placement, attention: str | None = None
+) -> PreTrainedModel:
+    """The frozen base: in the placement's dtype, or in 4-bit NF4 with double quantisation.
+    Attention: by default the packed rows' (training); serving passes transformers' sdpa."""
     quantization = None
     if quantize_4bit:
         quantization = BitsAndBytesConfig(
@@ -134,7 +139,7 @@ def load_base_model(model_dir: Path, quantize_4bit: bool, placement: Placement) 
         dtype=placement.dtype,
         quantization_config=quantization,
         device_map={"": placement.device},
-        attn_implementation=attention_implementation(placement),
+        attn_implementation=attention or attention_implementation(placement),
     )
     model.config.use_cache = False  # training; packed rows are isolated only without the cache
     return model
@@ -162,6 +167,7 @@ def add_lora(
         peft_model = get_peft_model(model, lora)
     # Non-reentrant checkpointing, switched on per forward pass by the memory plan.
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()  # only reentrant checkpointing needs grads at the input
     set_activation_checkpointing(peft_model, False)
     return peft_model
 

@@ -48,5 +48,7 @@ def test_the_image_runs_the_cog_and_coglet_the_tests_ran():
     """Cog installs its own SDK over requirements.txt unless build.sdk_version pins it, and
     resolves coglet at build time unless COGLET_WHEEL names a version."""
     assert cog_yaml()["build"]["sdk_version"] == pinned("cog")
-    image = re.search(r"^image:\n\t(.+)$", (PROJECT_DIR / "Makefile").read_text(), re.M)
-    assert image and image.group(1) == f"COGLET_WHEEL=pypi:{pinned('coglet')} cog build"
+    makefile = (PROJECT_DIR / "Makefile").read_text()
+    coglet = f"COGLET_WHEEL=pypi:{pinned('coglet')}"
+    assert re.search(rf"^image:\n\t{coglet} cog build$", makefile, re.M)
+    assert re.search(rf"^push:.*\n\t{coglet} cog push \$\(MODEL\)$", makefile, re.M)

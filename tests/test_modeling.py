@@ -90,5 +90,8 @@ def test_a_gpu_that_torch_cannot_use_stops_the_run(monkeypatch):
         src.modeling.pick_placement()
     message = str(error.value)
     assert "NVIDIA GPU (driver 470.82.01)" in message and torch.__version__ in message
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose: the CPU it is
+    assert src.modeling.pick_placement().device.type == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(src.modeling, "nvidia_driver_version", lambda: None)
     assert src.modeling.pick_placement().device.type == "cpu"

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -22,6 +20,7 @@ from transformers import (
 )
 
 from src.seeds import derive_seed
+from src.serving.decoding import Decoder
 
 REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 byte sequence decodes to
 
@@ -64,10 +63,13 @@ def sampling_distribution(
 
 @torch.inference_mode()
 def sample_tokens(
-    model: PreTrainedModel, prompt_ids: list[int], settings: SamplingSettings, eos_token_id: int
+    decoder: Decoder,
+    prompt_ids: list[int],
+    settings: SamplingSettings,
+    eos_token_id: int,
 ) -> Iterator[int]:
     """Yield sampled token ids until EOS (not yielded) or max_new_tokens."""
-    device = model.device
+    device = decoder.device
     generator = torch.Generator(device=device)
     if settings.seed is None:
         generator.seed()  # fresh entropy; the global RNG is left alone
@@ -75,23 +77,26 @@ def sample_tokens(
         generator.manual_seed(derive_seed(settings.seed, "sampling"))
     processors = logits_processors(settings)
     ids = torch.tensor([prompt_ids], device=device)  # (1, T): all tokens so far
-    cache = DynamicCache()
-    step_input = ids
+    if settings.max_new_tokens < 1:
+        return
+    logits = decoder.prefill(prompt_ids, settings.max_new_tokens)
     for produced in range(settings.max_new_tokens):
-        logits = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1).logits
         probabilities = sampling_distribution(
-            logits[:, -1, :].float(),
+            logits.float(),
             ids,
             processors,
             suppress_eos=produced < settings.min_new_tokens,
             eos_token_id=eos_token_id,
         )
         token = torch.multinomial(probabilities, 1, generator=generator)  # (1, 1)
-        if token.item() == eos_token_id:
+        token_id = int(token.item())  # the one wait for the device per token: to stream it
+        if token_id == eos_token_id:
             return
-        yield int(token.item())
+        yield token_id
+        if produced + 1 == settings.max_new_tokens:
+            return
         ids = torch.cat([ids, token], dim=1)
-        step_input = token
+        logits = decoder.step(token)
 
 
 class TextStream:
@@ -167,7 +172,7 @@ class GenerationStats:
 
 
 def stream_text(
-    model: PreTrainedModel,
+    decoder: Decoder,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[int],
     settings: SamplingSettings,
@@ -179,7 +184,7 @@ def stream_text(
     stats.input_tokens = len(prompt_ids)
     started = time.perf_counter()
     stream = TextStream(tokenizer, stop_sequences)
-    for token_id in sample_tokens(model, prompt_ids, settings, tokenizer.eos_token_id):
+    for token_id in sample_tokens(decoder, prompt_ids, settings, tokenizer.eos_token_id):
         stats.output_tokens += 1
         stats.total_time = time.perf_counter() - started
         if stats.output_tokens == 1:

@@ -35,9 +35,13 @@ def init_from_torchrun() -> World:
         local_rank=int(os.environ["LOCAL_RANK"]),
     )
     if torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+        # Bound to its device, NCCL sets up its communicator (and buffers) now, before the
+        # memory plan reads what is free.
+        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return world
 
 

@@ -241,16 +241,25 @@ def validation_loss(
     return loss_sum / max(count, 1)
 
 
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The chat format (a prompt already in [INST] form is used as is)."""
+    if is_preformatted(prompt):
+        return encode_preformatted(tokenizer, prompt)
+    return encode_chat_prompt(tokenizer, prompt)
+
+
+def validation_prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str | None) -> int:
+    """Tokens an answer to the validation prompt holds in its KV cache, at most."""
+    return len(_prompt_ids(tokenizer, prompt)) + VALIDATION_MAX_NEW_TOKENS if prompt else 0
+
+
 @torch.no_grad()
 def answer_prompt(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompt: str, device: torch.device
 ) -> str:
     """Greedy answer in the chat format (a prompt already in [INST] form is used as is)."""
     model.eval()
-    if is_preformatted(prompt):
-        ids = encode_preformatted(tokenizer, prompt)
-    else:
-        ids = encode_chat_prompt(tokenizer, prompt)
+    ids = _prompt_ids(tokenizer, prompt)
     output = model.generate(
         input_ids=torch.tensor([ids], device=device),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

@@ -47,8 +47,11 @@ HEAD_BYTES_PER_HIDDEN = 4.5
 # Transients: one slice of the vocabulary projection (fp32 logits, softmax, gradient) and
 # the allocator's fragmentation; then what the plan leaves free, in case.
 LOGITS_CHUNK = 1024  # supervised positions per slice (src/training/loop.py)
-ALLOCATOR_SHARE = 0.08
+# What the allocator reserves beyond what is allocated, at the peak (H200, docs/benchmarks.md):
+# up to 3% for LoRA, up to 20% for QLoRA (bitsandbytes' dequantized weights come and go).
+ALLOCATOR_SHARE = {False: 0.08, True: 0.20}
 HEADROOM = GIB
+PROCESS_GROUP_HEADROOM = GIB  # NCCL's buffers, some allocated at the first collective
 MAX_TOKENS_PER_FORWARD = 32_768  # beyond this a pass is no faster per token
 CPU_FORWARD_TOKENS = 1024  # on a CPU, passes of about a thousand tokens run fastest
 
@@ -60,6 +63,7 @@ class ModelShape:
     layers: int
     vocab: int
     parameters: int  # of the base model
+    context_window: int = 4096
 
     @classmethod
     def of(cls, config: dict) -> "ModelShape":
@@ -69,7 +73,9 @@ class ModelShape:
         layers, vocab = config["num_hidden_layers"], config["vocab_size"]
         per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-        return cls(hidden, mlp, layers, vocab, layers * per_layer + embeddings + hidden)
+        parameters = layers * per_layer + embeddings + hidden
+        context = config.get("max_position_embeddings", 4096)
+        return cls(hidden, mlp, layers, vocab, parameters, context)
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,10 @@ class MemoryModel:
         return kept + self.head_bytes_per_token
 
     @property
+    def context_window(self) -> int:
+        return self.shape.context_window
+
+    @property
     def inference_bytes_per_token(self) -> float:
         shape = self.shape
         per_token = INFERENCE_BYTES_PER_HIDDEN * shape.hidden + INFERENCE_BYTES_PER_MLP * shape.mlp
@@ -138,16 +148,20 @@ class MemoryModel:
         return per_token + kv_cache
 
     @property
+    def allocator_share(self) -> float:
+        return ALLOCATOR_SHARE[self.quantized]
+
+    @property
     def transient(self) -> int:
         return int(3 * 4 * LOGITS_CHUNK * self.shape.vocab)
 
     def peak(self, tokens: int, checkpointing: bool) -> int:
         activations = tokens * self.bytes_per_token(checkpointing) + self.transient
-        return int((self.fixed + activations) * (1 + ALLOCATOR_SHARE))
+        return int((self.fixed + activations) * (1 + self.allocator_share))
 
     def most_tokens(self, budget: int, per_token: float) -> int:
         """The most tokens one pass may hold within `budget` (0: not even the model fits)."""
-        room = (budget - HEADROOM) / (1 + ALLOCATOR_SHARE) - self.fixed - self.transient
+        room = (budget - HEADROOM) / (1 + self.allocator_share) - self.fixed - self.transient
         return max(0, min(MAX_TOKENS_PER_FORWARD, int(room / per_token)))
 
 
@@ -162,7 +176,13 @@ class ForwardPlan:
     budget: int | None = None
 
     def checkpoint(self, tokens: int) -> bool:
-        return self.tokens is not None and tokens > self.tokens
+        """A pass over the limit (a lone long segment) is checkpointed where memory demands
+        it; on a CPU the limit is about speed, and such a pass simply runs whole."""
+        return (
+            self.checkpointed_tokens is not None
+            and self.tokens is not None
+            and tokens > self.tokens
+        )
 
     def describe(self) -> str:
         if self.tokens is None:
@@ -181,14 +201,19 @@ class ForwardPlan:
         )
 
 
-def plan_forwards(model: MemoryModel, budget: int, longest_segment: int) -> ForwardPlan:
+def plan_forwards(
+    model: MemoryModel, budget: int, longest_segment: int, longest_validation: int = 0
+) -> ForwardPlan:
     """The plan for one device; raises UserInputError for what cannot fit at all.
 
-    `longest_segment` is the longest example (or wrapped fragment) of training and
-    validation: a pass never splits one.
+    `longest_segment` is the longest training example (or wrapped fragment): a pass never
+    splits one. Passes without gradients (validation rows, a validation_prompt answer with
+    its KV cache) keep no activations; their longest, `longest_validation`, only has to fit.
     """
     fits = model.most_tokens(budget, model.bytes_per_token(checkpointing=False))
     validation = model.most_tokens(budget, model.inference_bytes_per_token)
+    if longest_validation > validation:
+        raise _no_room_to_validate(model, budget, longest_validation)
     if longest_segment <= fits:
         peak = model.peak(fits, checkpointing=False)
         return ForwardPlan(fits, None, validation, peak, budget)
@@ -197,6 +222,19 @@ def plan_forwards(model: MemoryModel, budget: int, longest_segment: int) -> Forw
         raise _too_large(model, budget, longest_segment)
     peak = max(model.peak(fits, False), model.peak(longest_segment, True))
     return ForwardPlan(fits, fits_checkpointed, validation, peak, budget)
+
+
+def _no_room_to_validate(model: MemoryModel, budget: int, tokens: int) -> UserInputError:
+    if model.fixed + HEADROOM > budget:
+        return _too_large(model, budget, tokens)
+    per_token = model.inference_bytes_per_token
+    needed = (model.fixed + model.transient + tokens * per_token) * (1 + model.allocator_share)
+    needed += HEADROOM
+    return UserInputError(
+        f"a forward pass of {tokens:,} tokens without gradients (validation, a "
+        f"validation_prompt answer) needs about {needed / GIB:.1f} GiB with the model, more "
+        f"than the {budget / GIB:.1f} GiB available: lower lora_rank"
+    )
 
 
 def _too_large(model: MemoryModel, budget: int, longest: int) -> UserInputError:
@@ -209,7 +247,7 @@ def _too_large(model: MemoryModel, budget: int, longest: int) -> UserInputError:
             f"before any activation, more than the {available}: lower lora_rank"
             + ("" if model.quantized else ", or set peft_method to qlora")
         )
-    needed = model.peak(longest, checkpointing=True) / GIB
+    needed = (model.peak(longest, checkpointing=True) + HEADROOM) / GIB
     return UserInputError(
         f"a training row of {longest:,} tokens needs about {needed:.1f} GiB even with "
         f"activation checkpointing, more than the {available}: lower chunk_size or shorten "
@@ -234,22 +272,28 @@ def memory_budget(free_bytes: int) -> int:
 
 
 def plan_for_device(
-    placement: Placement, model_config: dict, quantized: bool, lora_rank: int, longest: int
+    placement: Placement,
+    model_config: dict,
+    quantized: bool,
+    lora_rank: int,
+    longest: int,
+    longest_validation: int = 0,
+    processes: int = 1,
 ) -> ForwardPlan:
-    """The plan on this process's device: measured free memory on a GPU; on a CPU, passes
-    of CPU_FORWARD_TOKENS (speed, not memory, decides there)."""
+    """The plan on this process's device: its free memory on a GPU (less what a process group
+    still allocates); on a CPU, passes of CPU_FORWARD_TOKENS (speed, not memory, decides)."""
     if placement.device.type != "cuda":
         return ForwardPlan(CPU_FORWARD_TOKENS, validation_tokens=CPU_FORWARD_TOKENS)
     model = MemoryModel(ModelShape.of(model_config), quantized, lora_rank)
     free, _ = torch.cuda.mem_get_info(placement.device)
-    return plan_forwards(model, memory_budget(free), longest)
+    budget = memory_budget(free) - (PROCESS_GROUP_HEADROOM if processes > 1 else 0)
+    return plan_forwards(model, budget, longest, longest_validation)
 
 
 def out_of_memory(plan: ForwardPlan, error: BaseException) -> UserInputError:
     """What to tell a user whose training still ran out of GPU memory."""
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
     return UserInputError(
-        f"the GPU ran out of memory ({first_line}); {plan.describe()}. Lower lora_rank, "
-        f"chunk_size or validation_batch_size, or set {BUDGET_VARIABLE} below the card's "
-        f"memory so that the plan leaves more room"
+        f"the GPU ran out of memory ({first_line}); {plan.describe()}. Set {BUDGET_VARIABLE} "
+        f"below the card's memory so that the plan leaves more room, or lower lora_rank"
     )

@@ -46,7 +46,7 @@ from src.training.data import (
 )
 from src.training.distributed import World
 from src.training.launcher import data_parallel_processes, launch_workers
-from src.training.loop import TrainResult, train_adapter
+from src.training.loop import TrainResult, train_adapter, validation_prompt_tokens
 from src.training.memory import plan_for_device
 
 
@@ -93,7 +93,12 @@ def train_and_save(
         read_model_config(base.path),
         config.quantize_4bit,
         config.lora_rank,
-        longest=max(longest_segment(train_rows), longest_segment(validation_rows)),
+        longest=longest_segment(train_rows),
+        longest_validation=max(
+            longest_segment(validation_rows),
+            validation_prompt_tokens(tokenizer, config.validation_prompt),
+        ),
+        processes=world.size,
     )
     if world.is_main:
         log(forwards.describe())

@@ -17,6 +17,11 @@ from safetensors.torch import load
 from src.errors import UserInputError
 from tests.helpers import FACTS, call_train, wait_for, write_jsonl
 
+# Two processes need two GPUs, or none (gloo on the CPU): not one.
+pytestmark = pytest.mark.skipif(
+    0 < torch.cuda.device_count() < 2, reason="data-parallel tests need 2 GPUs or a CPU"
+)
+
 # 1 process x 4 accumulation steps against 2 processes x 2 accumulation steps.
 SETTINGS = dict(
     num_train_epochs=2,

@@ -233,7 +233,7 @@ def test_qlora_keeps_its_non_quantised_parts_in_bf16_within_1_percent(tiny_model
     bf16 = Placement(DEVICE, torch.bfloat16)
     rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
     batch = collate(rows)
-    losses = []
+    losses, gradients = [], []
     for upcast in (False, True):
         torch.manual_seed(0)
         base = load_base_model(tiny_model_dir, quantize_4bit=True, placement=bf16)
@@ -242,7 +242,18 @@ def test_qlora_keeps_its_non_quantised_parts_in_bf16_within_1_percent(tiny_model
         model = add_lora(base, rank=8, alpha=16, dropout=0.0, quantized=True)
         kept = {p.dtype for n, p in model.named_parameters() if "norm" in n}
         assert kept == ({torch.float32} if upcast else {torch.bfloat16})
-        with torch.no_grad():
-            losses.append(supervised_loss_sum(model.eval(), batch, DEVICE).item())
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # a trained-looking adapter, the same in both
+                torch.nn.init.normal_(parameter, std=0.02)
+        model.train()
+        loss = supervised_loss_sum(model, batch, DEVICE) / batch.num_targets
+        loss.backward()
+        losses.append(loss.item())
+        gradients.append(lora_gradients(model))
     ours, upcast = losses
     assert ours == pytest.approx(upcast, rel=0.01)
+    for name, gradient in gradients[1].items():  # and the update points the same way
+        cosine = torch.nn.functional.cosine_similarity(
+            gradients[0][name].flatten().float(), gradient.flatten().float(), dim=0
+        )
+        assert cosine > 0.99, name

@@ -27,7 +27,10 @@ from tests.helpers import (
 def greedy_answer(model, tokenizer, prompt: str) -> str:
     ids = encode_chat_prompt(tokenizer, prompt)
     output = model.generate(
-        torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        torch.tensor([ids], device=model.device),
+        max_new_tokens=24,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
     )
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
 
@@ -316,6 +319,6 @@ def test_running_out_of_gpu_memory_names_the_inputs_to_lower(
         call_train(train_data=str(facts_file), num_train_epochs=1)
     message = str(error.value)
     assert message.startswith("the GPU ran out of memory (CUDA out of memory. Tried to allocate")
-    assert "Lower lora_rank, chunk_size or validation_batch_size" in message
-    assert "TRAIN_GPU_MEMORY_GIB" in message and "allocator details" not in message
+    assert "Set TRAIN_GPU_MEMORY_GIB below the card's memory" in message
+    assert "or lower lora_rank" in message and "allocator details" not in message
     assert error.value.__cause__ is None and error.value.__suppress_context__
