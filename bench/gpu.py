@@ -105,27 +105,9 @@ def build_llama_7b(attention: str, seed: int = 0):
 
 
 def quantize_to_nf4(model) -> None:
-    """Decoder linears to bitsandbytes NF4 with double quantisation, as load_base_model does."""
-    import bitsandbytes as bnb
+    from tools.tiny_model import quantize_decoder_to_nf4
 
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if not isinstance(linear, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(
-                    linear.in_features, linear.out_features, bias=False,
-                    compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
-                    device="meta",
-                )  # fmt: skip
-                quantized.weight = bnb.nn.Params4bit(
-                    linear.weight.data,
-                    requires_grad=False,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                ).to(DEVICE)  # fmt: skip  (.to quantizes)
-                setattr(parent, name, quantized)
-    model.is_loaded_in_4bit = True  # what peft's prepare_model_for_kbit_training looks for
+    quantize_decoder_to_nf4(model, torch.bfloat16, DEVICE)
     reset_peak()
 
 
@@ -579,7 +561,7 @@ def _decode(chat, archives: list[Path], new_tokens: int = 128) -> dict:
         started = time.perf_counter()
         chat.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-            min_new_tokens=tokens, do_sample=True, temperature=0.7, top_p=0.95,
+            min_new_tokens=tokens, do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
             repetition_penalty=1.15, pad_token_id=2,
         )  # fmt: skip
         synchronize()

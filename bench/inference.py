@@ -57,7 +57,12 @@ def generate_timings(chat_model, new_tokens: int) -> dict:
         [encode_chat_prompt(chat_model.tokenizer, PROMPT, "You are a helpful assistant.")]
     )
     settings = dict(
-        do_sample=True, temperature=0.7, top_p=0.95, repetition_penalty=1.15, pad_token_id=2
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.95,
+        top_k=0,
+        repetition_penalty=1.15,
+        pad_token_id=2,  # top_k=0: off, as in the predictor's request (generate's default is 50)
     )
 
     def run(tokens: int) -> float:

@@ -55,6 +55,32 @@ def build_tiny_llama(out_dir: Path, size: str = "tiny", seed: int = 0, **shape: 
     return out_dir
 
 
+def quantize_decoder_to_nf4(model, compute_dtype, device) -> None:
+    """A model built in memory (no checkpoint to load with a BitsAndBytesConfig): its decoder
+    linears to bitsandbytes NF4 with double quantisation, as load_base_model loads them."""
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                quantized = bnb.nn.Linear4bit(
+                    linear.in_features, linear.out_features, bias=False,
+                    compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                    device="meta",
+                )  # fmt: skip
+                quantized.weight = bnb.nn.Params4bit(
+                    linear.weight.data,
+                    requires_grad=False,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                ).to(device)  # fmt: skip  (.to quantizes)
+                setattr(parent, name, quantized)
+    model.is_loaded_in_4bit = True  # what peft's prepare_model_for_kbit_training looks for
+
+
 if __name__ == "__main__":
     import argparse
 

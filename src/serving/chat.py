@@ -10,14 +10,15 @@ and the base stays bit-identical. The cost, a small matrix product pair per line
 mostly kernel launches, which CUDA graphs take away (src/serving/decoding.py).
 
 An adapter trained with QLoRA is served on the base loaded in 4-bit NF4 exactly as in
-training, through the same bitsandbytes kernels and peft layers: it computes what the trained
-model computed, bit for bit (a dequantized base runs other kernels, whose bf16 rounding lands
-elsewhere), and the base takes a quarter of the memory.
+training, through the same bitsandbytes modules and peft layers: it computes what the trained
+model computes in eval, exactly (a dequantized base runs other kernels, whose bf16 rounding
+lands elsewhere), and the base takes a quarter of the memory.
 """
 
 import hashlib
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -178,7 +179,9 @@ class ChatModel:
         self.loaded[name] = None
         while len(self.loaded) > MAX_LOADED_ADAPTERS:
             oldest, _ = self.loaded.popitem(last=False)
-            self.model.delete_adapter(oldest)
+            with warnings.catch_warnings():  # peft notes that the active one goes: it is next
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+                self.model.delete_adapter(oldest)
             if isinstance(self.decoder, GraphedDecoder):
                 self.decoder.forget(oldest)
 

@@ -102,12 +102,22 @@ class GraphedDecoder:
         self.graphs = {key: g for key, g in self.graphs.items() if key[0] != adapter}
 
     def prefill(self, prompt_ids: list[int], new_tokens: int) -> torch.Tensor:
+        """The prompt runs as in EagerDecoder (a dynamic cache, causal attention without a
+        mask), so the first token's logits are exactly those of the model run plainly; its
+        keys and values are then copied into the static cache the decode steps replay over."""
         self.bucket = self._bucket(len(prompt_ids) + new_tokens)
-        cache = self._cache(self.bucket)
-        cache.reset()
         self.position = len(prompt_ids)
         ids = torch.tensor([prompt_ids], device=_device(self.model))
-        output = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        dynamic = DynamicCache()
+        output = self.model(input_ids=ids, cache=dynamic, use_cache=True, logits_to_keep=1)
+        static = self._cache(self.bucket)
+        static.reset()
+        for target, source in zip(static.layers, dynamic.layers, strict=True):
+            if not target.is_initialized:
+                target.lazy_initialization(source.keys, source.values)
+            target.keys[:, :, : self.position].copy_(source.keys)
+            target.values[:, :, : self.position].copy_(source.values)
+            target.cumulative_length.fill_(self.position)
         return output.logits[:, -1]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -145,6 +155,8 @@ class GraphedDecoder:
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(self._cache(self.bucket))
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a reason to give up graphs for good
             except RuntimeError as error:  # a kernel that cannot be captured, on some stack
                 log(f"note: decoding without CUDA graphs ({str(error).splitlines()[0]})")
                 self.use_graphs = False
@@ -163,7 +175,8 @@ class GraphedDecoder:
             )
             graph = torch.cuda.CUDAGraph()
             self.pool = self.pool or torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: CUDA work of another thread does not spoil the capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self._step(cache, token, position)
         finally:
             for layer, length in zip(cache.layers, lengths, strict=True):

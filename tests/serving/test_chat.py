@@ -74,13 +74,31 @@ def test_replicate_weights_swap_and_back(chat_model, other_facts_archive, facts_
     assert ask(chat_model) == ANSWER
     started = time.perf_counter()
     assert ask(chat_model, replicate_weights=other, max_new_tokens=1)
-    assert time.perf_counter() - started < 1.0  # warm: cached, only unmerge + merge
+    assert time.perf_counter() - started < 1.0  # warm: cached, only a flag
     assert ask(chat_model, replicate_weights=str(facts_archive)) == ANSWER
     assert ask(chat_model, FACTS[3][0]) == FACTS[3][1]
 
 
-def test_no_weights_serves_the_base(base_model_env):
-    assert ask(ChatModel(None)) != ANSWER
+def test_no_weights_serves_the_base(base_model_env, facts_archive):
+    """Also after an adapter was used: the plain base then runs with the adapters off."""
+    model = ChatModel(None)
+    base_answer = ask(model)
+    assert base_answer != ANSWER
+    assert ask(model, replicate_weights=str(facts_archive)) == ANSWER
+    assert ask(model) == base_answer
+
+
+def test_the_least_recent_adapter_is_dropped_and_comes_back(
+    base_model_env, facts_archive, other_facts_archive, monkeypatch
+):
+    import src.serving.chat
+
+    monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 1)
+    model = ChatModel(str(facts_archive))
+    for _ in range(2):
+        assert ask(model, replicate_weights=str(other_facts_archive)) == OTHER_FACTS[0][1]
+        assert len(model.loaded) == 1
+        assert ask(model) == ANSWER  # reloaded after it was dropped
 
 
 def test_seeded_sampling_is_reproducible(chat_model):

@@ -122,3 +122,33 @@ def test_eos_is_impossible_before_min_new_tokens():
         logits, torch.tensor([[5]]), logits_processors(off), True, 2
     )
     assert probabilities[0, 2] == 0 and probabilities.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("top_p", [0.0, 0.5, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("spread", [0.5, 3.0, 8.0])  # flat: the full sort; peaked: candidates
+def test_candidate_top_p_is_transformers_top_p(top_p, spread):
+    from transformers import TopPLogitsWarper
+
+    from src.serving.generation import CandidateTopPWarper
+
+    torch.manual_seed(int(spread * 10))
+    scores = torch.randn(1, 32000) * spread
+    ids = torch.tensor([[1, 2, 3]])
+    ours = CandidateTopPWarper(top_p)(ids, scores.clone())
+    theirs = TopPLogitsWarper(top_p)(ids, scores.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.equal(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_a_peaked_distribution_never_sorts_the_whole_vocabulary(monkeypatch):
+    from transformers import TopPLogitsWarper
+
+    from src.serving.generation import CandidateTopPWarper
+
+    def no_full_sort(*args, **kwargs):
+        raise AssertionError("sorted all 32,000 logits")
+
+    scores = torch.randn(1, 32000) * 8  # a trained model's next token: a few tokens hold p
+    warper = CandidateTopPWarper(0.95)
+    monkeypatch.setattr(TopPLogitsWarper, "__call__", no_full_sort)
+    assert torch.isfinite(warper(torch.tensor([[1]]), scores)).sum() < 256

@@ -18,6 +18,7 @@ from src.training.memory import (
     memory_budget,
     plan_forwards,
 )
+from tools.tiny_model import quantize_decoder_to_nf4
 
 LLAMA_2_7B = {
     "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -62,27 +63,8 @@ def decoder(hidden: int, mlp: int, layers: int, quantized: bool):
     finally:
         torch.set_default_dtype(previous)
     if quantized:
-        quantize_decoder(model)
+        quantize_decoder_to_nf4(model, torch.bfloat16, "cpu")
     return add_lora(model, rank=8, alpha=16, dropout=DROPOUT, quantized=quantized)
-
-
-def quantize_decoder(model) -> None:
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if not isinstance(linear, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(
-                    linear.in_features, linear.out_features, bias=False,
-                    compute_dtype=torch.bfloat16, quant_type="nf4", device="meta",
-                )  # fmt: skip
-                quantized.weight = bnb.nn.Params4bit(
-                    linear.weight.data, requires_grad=False, quant_type="nf4",
-                    compress_statistics=True,
-                ).to("cpu")  # fmt: skip
-                setattr(parent, name, quantized)
 
 
 def saved_bytes(model, tokens: int) -> int:
