@@ -3,9 +3,11 @@
 BASE_MODEL is one of
   * a local folder in Hugging Face format (used in place),
   * an https URL of a tar archive of such a folder (downloaded and unpacked once into the cache),
-  * a Hugging Face repo id (default meta-llama/Llama-2-7b-chat-hf; HF_TOKEN for the gated repo),
-    downloaded once into the cache.
-The cache folder is BASE_MODEL_CACHE (default ~/.cache/llama2-cog). Nothing happens at import.
+  * a Hugging Face repo id (HF_TOKEN for a gated repo), downloaded once into the cache.
+Unset, it is meta-llama/Llama-2-7b-chat-hf: read in place from MANAGED_WEIGHTS, where Cog
+mounts it in a pushed model (cog.yaml's `weights:`, no token needed at run time), and only
+where that folder holds no model, from the Hub. The cache folder is BASE_MODEL_CACHE (default
+~/.cache/llama2-cog). Nothing happens at import.
 """
 
 import hashlib
@@ -22,6 +24,8 @@ from src.fetch import download
 from src.log import log
 
 DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+# cog.yaml's `weights:` target for DEFAULT_BASE_MODEL (tests/test_cog_yaml.py keeps them one)
+MANAGED_WEIGHTS = Path("/src/weights/llama-2-7b-chat")
 MAX_BASE_ARCHIVE_BYTES = 64 * 2**30
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 
@@ -55,6 +59,9 @@ def cache_dir() -> Path:
 def resolve_base_model(source: str | None = None) -> BaseModel:
     """The folder of the base model, fetching it into the cache the first time."""
     source = source or base_model_source()
+    if source == DEFAULT_BASE_MODEL and (MANAGED_WEIGHTS / "config.json").is_file():
+        log(f"base model: {source} from the weights mounted at {MANAGED_WEIGHTS}")
+        return BaseModel(source, MANAGED_WEIGHTS)
     if source.startswith(("https://", "http://")):
         path = _fetch_archive(source)
     elif Path(source).is_dir():

@@ -82,3 +82,25 @@ def test_outputs_name_a_url_base_without_its_credentials(tmp_path):
     assert BaseModel("meta-llama/Llama-2-7b-chat-hf", tmp_path).public_name == (
         "meta-llama/Llama-2-7b-chat-hf"
     )
+
+
+def test_the_mounted_weights_come_first_then_the_hub(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A pushed model has the base mounted where cog.yaml's weights say: no token, no download."""
+    import shutil
+
+    import src.base_model
+
+    mounted = tmp_path / "src" / "weights" / "llama-2-7b-chat"
+    monkeypatch.setattr(src.base_model, "MANAGED_WEIGHTS", mounted)
+    monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    # Nothing mounted (a local run): the Hub, which is offline in the tests.
+    with pytest.raises(UserInputError, match="not in the cache and the Hub cannot be reached"):
+        resolve_base_model()
+    shutil.copytree(tiny_model_dir, mounted)
+    base = resolve_base_model()
+    assert base.path == mounted and base.source == DEFAULT_BASE_MODEL
+    assert f"from the weights mounted at {mounted}" in capsys.readouterr().out
+    # An explicit BASE_MODEL (here a folder) still wins.
+    monkeypatch.setenv("BASE_MODEL", str(tiny_model_dir))
+    assert resolve_base_model().path == tiny_model_dir

@@ -52,3 +52,18 @@ def test_the_image_runs_the_cog_and_coglet_the_tests_ran():
     coglet = f"COGLET_WHEEL=pypi:{pinned('coglet')}"
     assert re.search(rf"^image:\n\t{coglet} cog build$", makefile, re.M)
     assert re.search(rf"^push:.*\n\t{coglet} cog push \$\(MODEL\)$", makefile, re.M)
+
+
+def test_the_base_model_travels_as_managed_weights():
+    """cog.yaml mounts the default base where src/base_model.py looks for it first."""
+    from src.base_model import DEFAULT_BASE_MODEL, MANAGED_WEIGHTS
+
+    [weights] = cog_yaml()["weights"]
+    assert weights["source"]["uri"] == f"hf://{DEFAULT_BASE_MODEL}"
+    assert weights["target"] == str(MANAGED_WEIGHTS)
+    include = weights["source"]["include"]
+    assert "*.safetensors" in include and "tokenizer.json" in include
+    assert not any(pattern in include for pattern in ("*", "*.bin", "*.pth"))  # no pickles
+    ignored = (PROJECT_DIR / ".dockerignore").read_text().split()
+    assert "weights/" in ignored and ".venv/" in ignored
+    assert "HF_TOKEN" not in (PROJECT_DIR / "cog.yaml").read_text()

@@ -34,7 +34,7 @@ from src.artifact import ARCHITECTURE_KEYS, AdapterFiles, base_model_fingerprint
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
 from src.inputs import as_float, as_int
-from src.log import log
+from src.log import Stopwatch, log
 from src.modeling import (
     Placement,
     context_window,
@@ -70,6 +70,7 @@ class ChatModel:
     """One base model in memory, with any number of trained adapters swapped on it."""
 
     def __init__(self, weights: str | None) -> None:
+        clock = Stopwatch()
         self.store = WeightsStore()
         self.setup_weights = weights
         setup_adapter = self.store.unpack(weights) if weights else None
@@ -91,7 +92,7 @@ class ChatModel:
         log(
             f"ready: base {self.base.public_name} on {self.placement.device} in "
             f"{str(self.placement.dtype).removeprefix('torch.')}, adapter "
-            f"{'from ' + _short(weights) if weights else 'none'}"
+            f"{'from ' + _short(weights) if weights else 'none'} (setup {clock.elapsed():.1f} s)"
         )
 
     def chat(self, request: ChatRequest, stats: GenerationStats | None = None) -> Iterator[str]:

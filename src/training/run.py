@@ -105,10 +105,12 @@ def train_and_save(
 
     model = None
     try:
+        loading = Stopwatch()
         model = load_base_model(base.path, config.quantize_4bit, placement)
         log(
             f"loaded {model.num_parameters():,} base parameters on {placement.device} "
-            f"({'4-bit NF4' if config.quantize_4bit else placement.dtype})"
+            f"({'4-bit NF4' if config.quantize_4bit else placement.dtype}) in "
+            f"{loading.elapsed():.1f} s"
         )
         torch.manual_seed(derive_seed(config.seed, "lora init"))  # the same on every rank
         model = add_lora(
