@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint schema bench bench-smoke image push clean
+.PHONY: demo test lint schema bench bench-smoke image push weights clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,10 @@ image:
 	COGLET_WHEEL=pypi:0.23.1 cog build
 
 push:  # make push MODEL=r8.im/<you>/<model>
-	COGLET_WHEEL=pypi:0.23.1 cog push $(MODEL)
+	COG_MODEL=$(MODEL) COGLET_WHEEL=pypi:0.23.1 cog push
+
+weights:  # make weights MODEL=r8.im/<you>/<model> HF_TOKEN=hf_... (once; then commit weights.lock)
+	COG_MODEL=$(MODEL) HF_TOKEN=$(HF_TOKEN) cog weights import
 
 schema: $(BIN)/.installed
 	$(BIN)/python -m tools.cog_openapi

@@ -14,13 +14,12 @@ import hashlib
 import os
 import shutil
 import tempfile
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from src.archive import safe_extract
 from src.errors import UserInputError
-from src.fetch import download
+from src.fetch import download, public_url
 from src.log import log
 
 DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
@@ -39,13 +38,8 @@ class BaseModel:
 
     @property
     def public_name(self) -> str:
-        """The source as it may be written into outputs: a URL without credentials, query or
-        fragment (a presigned URL's signature stays out of adapter_config.json)."""
-        if not self.source.startswith(("https://", "http://")):
-            return self.source
-        url = urllib.parse.urlsplit(self.source)
-        host = url.netloc.rpartition("@")[2]  # without user:password@
-        return urllib.parse.urlunsplit((url.scheme, host, url.path, "", ""))
+        """The source as it may be logged or written into outputs (adapter_config.json)."""
+        return public_url(self.source)
 
 
 def base_model_source() -> str:
@@ -59,7 +53,7 @@ def cache_dir() -> Path:
 def resolve_base_model(source: str | None = None) -> BaseModel:
     """The folder of the base model, fetching it into the cache the first time."""
     source = source or base_model_source()
-    if source == DEFAULT_BASE_MODEL and (MANAGED_WEIGHTS / "config.json").is_file():
+    if source == DEFAULT_BASE_MODEL and _holds_a_model(MANAGED_WEIGHTS):
         log(f"base model: {source} from the weights mounted at {MANAGED_WEIGHTS}")
         return BaseModel(source, MANAGED_WEIGHTS)
     if source.startswith(("https://", "http://")):
@@ -71,8 +65,14 @@ def resolve_base_model(source: str | None = None) -> BaseModel:
     else:
         path = _fetch_hub(source)
     if not (path / "config.json").is_file():
-        raise UserInputError(f"BASE_MODEL {source}: no config.json in {path}")
+        raise UserInputError(f"BASE_MODEL {public_url(source)}: no config.json in {path}")
     return BaseModel(source, path)
+
+
+def _holds_a_model(folder: Path) -> bool:
+    """A mounted folder with the config and at least one safetensors file (an empty or
+    half-mounted target falls through to the Hub, as a local run does)."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 def _fetch_hub(repo_id: str) -> Path:
@@ -103,12 +103,13 @@ def _fetch_archive(url: str) -> Path:
     target = cache_dir() / "archives" / hashlib.sha256(url.encode()).hexdigest()[:16]
     if (target / ".complete").is_file():
         return _model_folder(target, url)
-    log(f"base model: downloading {url}")
+    log(f"base model: downloading {public_url(url)}")
     with tempfile.TemporaryDirectory(dir=_mkdir(cache_dir())) as tmp:
         tar_path = Path(tmp) / "model.tar"
         download(url, tar_path, what="BASE_MODEL")
         unpacked = Path(tmp) / "unpacked"
-        safe_extract(tar_path, unpacked, MAX_BASE_ARCHIVE_BYTES, what=f"BASE_MODEL {url}")
+        what = f"BASE_MODEL {public_url(url)}"
+        safe_extract(tar_path, unpacked, MAX_BASE_ARCHIVE_BYTES, what=what)
         (unpacked / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)
         _mkdir(target.parent)
@@ -123,7 +124,7 @@ def _model_folder(root: Path, url: str) -> Path:
     candidates = [p.parent for p in root.glob("*/config.json")]
     if len(candidates) != 1:
         raise UserInputError(
-            f"BASE_MODEL {url}: the archive holds no model folder with config.json"
+            f"BASE_MODEL {public_url(url)}: the archive holds no model folder with config.json"
         )
     return candidates[0]
 

@@ -40,6 +40,16 @@ def decode_data_uri(uri: str, what: str) -> bytes:
     return urllib.parse.unquote_to_bytes(payload)
 
 
+def public_url(url: str) -> str:
+    """A URL as it may be logged or written into outputs: without user:password@, query or
+    fragment (a presigned URL's signature is a credential)."""
+    if not url.startswith(("https://", "http://")):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def download(url: str, destination: Path, what: str, attempts: int = 3) -> None:
     """Download with a progress line every 10 seconds; retry network and server errors."""
     for attempt in range(1, attempts + 1):
@@ -49,7 +59,9 @@ def download(url: str, destination: Path, what: str, attempts: int = 3) -> None:
         except OSError as error:  # URLError, HTTPError and socket errors are OSErrors
             client_error = isinstance(error, urllib.error.HTTPError) and error.code < 500
             if attempt == attempts or client_error:
-                raise UserInputError(f"{what}: could not download {url}: {error}") from error
+                raise UserInputError(
+                    f"{what}: could not download {public_url(url)}: {error}"
+                ) from error
             log(f"{what}: download failed ({error}); retrying ({attempt}/{attempts - 1})")
             time.sleep(attempt)
 
@@ -66,4 +78,7 @@ def _download_once(url: str, destination: Path) -> None:
                 share = f" of {total / 2**20:.0f} MiB" if total else ""
                 log(f"downloaded {done / 2**20:.0f} MiB{share}")
                 last_report = time.monotonic()
-    log(f"downloaded {url} ({done / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s)")
+    log(
+        f"downloaded {public_url(url)} ({done / 2**20:.1f} MiB in "
+        f"{time.monotonic() - started:.1f} s)"
+    )

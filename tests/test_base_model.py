@@ -26,16 +26,19 @@ def test_missing_folder_is_named(tmp_path):
         resolve_base_model(str(tmp_path))
 
 
-def test_archive_url_is_downloaded_once_into_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+def test_archive_url_is_downloaded_once_into_the_cache(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
     served = tmp_path / "served"
     served.mkdir()
     with tarfile.open(served / "tiny.tar", "w") as tar:
         tar.add(tiny_model_dir, arcname="tiny-llama")
     with serve_directory(served) as (url, requested):
-        first = resolve_base_model(f"{url}/tiny.tar")
-        second = resolve_base_model(f"{url}/tiny.tar")
-    assert requested == ["/tiny.tar"]
+        first = resolve_base_model(f"{url}/tiny.tar?X-Amz-Signature=secret")
+        second = resolve_base_model(f"{url}/tiny.tar?X-Amz-Signature=secret")
+    assert requested == ["/tiny.tar?X-Amz-Signature=secret"]
+    assert "secret" not in capsys.readouterr().out  # a presigned URL's signature is never logged
     assert first == second and first.path.name == "tiny-llama"
     assert (first.path / "config.json").read_bytes() == (
         tiny_model_dir / "config.json"
@@ -94,9 +97,14 @@ def test_the_mounted_weights_come_first_then_the_hub(tiny_model_dir, tmp_path, m
     monkeypatch.setattr(src.base_model, "MANAGED_WEIGHTS", mounted)
     monkeypatch.setenv("BASE_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("BASE_MODEL", raising=False)
-    # Nothing mounted (a local run): the Hub, which is offline in the tests.
-    with pytest.raises(UserInputError, match="not in the cache and the Hub cannot be reached"):
-        resolve_base_model()
+    # Nothing mounted (a local run), or a mount without weights: the Hub (offline here).
+    for partial in (None, "config.json"):
+        if partial:
+            mounted.mkdir(parents=True)
+            shutil.copy(tiny_model_dir / partial, mounted / partial)
+        with pytest.raises(UserInputError, match="not in the cache and the Hub cannot be"):
+            resolve_base_model()
+    shutil.rmtree(mounted)
     shutil.copytree(tiny_model_dir, mounted)
     base = resolve_base_model()
     assert base.path == mounted and base.source == DEFAULT_BASE_MODEL

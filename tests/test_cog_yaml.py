@@ -51,19 +51,40 @@ def test_the_image_runs_the_cog_and_coglet_the_tests_ran():
     makefile = (PROJECT_DIR / "Makefile").read_text()
     coglet = f"COGLET_WHEEL=pypi:{pinned('coglet')}"
     assert re.search(rf"^image:\n\t{coglet} cog build$", makefile, re.M)
-    assert re.search(rf"^push:.*\n\t{coglet} cog push \$\(MODEL\)$", makefile, re.M)
+    assert re.search(rf"^push:.*\n\tCOG_MODEL=\$\(MODEL\) {coglet} cog push$", makefile, re.M)
+
+
+# The files of meta-llama/Llama-2-7b-chat-hf at the revision Cog imports.
+LLAMA_2_7B_CHAT_FILES = [
+    ".gitattributes", "LICENSE.txt", "README.md", "Responsible-Use-Guide.pdf",
+    "USE_POLICY.md", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+    "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+    "pytorch_model.bin.index.json", "special_tokens_map.json", "tokenizer.json",
+    "tokenizer.model", "tokenizer_config.json",
+]  # fmt: skip
 
 
 def test_the_base_model_travels_as_managed_weights():
-    """cog.yaml mounts the default base where src/base_model.py looks for it first."""
+    """cog.yaml mounts the default base where src/base_model.py looks for it first: the
+    safetensors, configs and tokenizer, never the pickled copies; and a model to push to."""
+    import fnmatch
+
     from src.base_model import DEFAULT_BASE_MODEL, MANAGED_WEIGHTS
 
-    [weights] = cog_yaml()["weights"]
+    config = cog_yaml()
+    assert config["model"] and "image" not in config  # Cog: weights require 'model'
+    [weights] = config["weights"]
     assert weights["source"]["uri"] == f"hf://{DEFAULT_BASE_MODEL}"
     assert weights["target"] == str(MANAGED_WEIGHTS)
     include = weights["source"]["include"]
-    assert "*.safetensors" in include and "tokenizer.json" in include
-    assert not any(pattern in include for pattern in ("*", "*.bin", "*.pth"))  # no pickles
+    imported = {f for f in LLAMA_2_7B_CHAT_FILES if any(fnmatch.fnmatch(f, p) for p in include)}
+    assert imported == {
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    }  # fmt: skip
     ignored = (PROJECT_DIR / ".dockerignore").read_text().split()
     assert "weights/" in ignored and ".venv/" in ignored
-    assert "HF_TOKEN" not in (PROJECT_DIR / "cog.yaml").read_text()
+    text = (PROJECT_DIR / "cog.yaml").read_text()
+    assert not re.search(r"hf_[A-Za-z0-9]{20,}|HF_TOKEN=|X-Amz-Signature", text)  # no token

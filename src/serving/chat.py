@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from src.artifact import ARCHITECTURE_KEYS, AdapterFiles, base_model_fingerprint
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
+from src.fetch import public_url
 from src.inputs import as_float, as_int
 from src.log import Stopwatch, log
 from src.modeling import (
@@ -266,7 +267,7 @@ def _adapter_name(source: str) -> str:
 def _short(source: str | None) -> str:
     if source is None:
         return "none"
-    return "data: URI" if source.startswith("data:") else source
+    return "data: URI" if source.startswith("data:") else public_url(source)
 
 
 def build_chat_request(

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from src.artifact import AdapterFiles, open_adapter, read_archive
-from src.fetch import fetch_to_file
+from src.fetch import fetch_to_file, public_url
 from src.log import log
 
 
@@ -49,4 +49,6 @@ def _identity(source: str) -> str:
 
 
 def _describe(source: str) -> str:
-    return f"data: URI ({len(source) / 2**20:.1f} MiB)" if source.startswith("data:") else source
+    if source.startswith("data:"):
+        return f"data: URI ({len(source) / 2**20:.1f} MiB)"
+    return public_url(source)
