@@ -79,13 +79,68 @@ def render_completion(completion: str) -> str:
     return f"{completion.strip()} "
 
 
+@dataclass(frozen=True)
+class Turn:
+    """A user message and the assistant's answer (None: the answer the model is to give)."""
+
+    user: str
+    answer: str | None = None
+    trained: bool = True  # False: shown to the model, no loss on it (a weight of 0)
+
+
+@dataclass(frozen=True)
+class Dialog:
+    """A conversation: an optional system prompt, then turns. A prompt/completion row is a
+    dialog of one turn."""
+
+    turns: tuple[Turn, ...]
+    system: str | None = None
+
+
+def encode_dialogs(tokenizer: Tokenizer, dialogs: list[Dialog]) -> list[TokenizedExample]:
+    """Dialogs as Meta's reference encodes them, in one batched tokenizer call per part.
+
+    Each turn is BOS, `[INST] {user} [/INST]`, then, where answered, `{answer} ` and EOS; the
+    system prompt is folded into the first user message. Labels cover the answers of the
+    trained turns and their EOS, nothing else. The parts are tokenized apart, which gives the
+    ids of tokenizing each turn whole: no vocabulary token spans the space before an answer.
+    """
+    users = [
+        render_user_turn(turn.user, dialog.system if number == 0 else None)
+        for dialog in dialogs
+        for number, turn in enumerate(dialog.turns)
+    ]
+    answers = [
+        render_completion(turn.answer)
+        for dialog in dialogs
+        for turn in dialog.turns
+        if turn.answer is not None
+    ]
+    user_ids = iter(encode_texts(tokenizer, users))
+    answer_ids = iter(encode_texts(tokenizer, answers))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id  # one attribute lookup each
+    examples = []
+    for dialog in dialogs:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for turn in dialog.turns:
+            prompt = [bos, *next(user_ids)]
+            input_ids += prompt
+            labels += [IGNORE_INDEX] * len(prompt)
+            if turn.answer is not None:
+                answer = [*next(answer_ids), eos]
+                input_ids += answer
+                labels += answer if turn.trained else [IGNORE_INDEX] * len(answer)
+        examples.append(TokenizedExample(input_ids, labels))
+    return examples
+
+
 def encode_chat_prompts(
     tokenizer: Tokenizer, prompts: list[str], systems: list[str | None]
 ) -> list[list[int]]:
     """BOS + user turn, for a batch of prompts: what the model sees before its answer."""
-    turns = [render_user_turn(p, s) for p, s in zip(prompts, systems, strict=True)]
-    bos = tokenizer.bos_token_id  # read once: a transformers attribute lookup is slow
-    return [[bos, *ids] for ids in encode_texts(tokenizer, turns)]
+    dialogs = [Dialog((Turn(p),), s) for p, s in zip(prompts, systems, strict=True)]
+    return [example.input_ids for example in encode_dialogs(tokenizer, dialogs)]
 
 
 def encode_chat_prompt(tokenizer: Tokenizer, prompt: str, system: str | None = None) -> list[int]:
@@ -96,20 +151,10 @@ def encode_chat_examples(
     tokenizer: Tokenizer, prompts: list[str], completions: list[str], systems: list[str | None]
 ) -> list[TokenizedExample]:
     """Prompt/completion pairs: loss on the completion and the EOS only."""
-    prompt_ids = encode_chat_prompts(tokenizer, prompts, systems)
-    answers = [render_completion(c) for c in completions]
-    answer_ids = encode_texts(tokenizer, answers)
-    examples = []
-    eos = tokenizer.eos_token_id
-    for prompt_part, answer_part in zip(prompt_ids, answer_ids, strict=True):
-        target = [*answer_part, eos]
-        examples.append(
-            TokenizedExample(
-                input_ids=prompt_part + target,
-                labels=[IGNORE_INDEX] * len(prompt_part) + target,
-            )
-        )
-    return examples
+    dialogs = [
+        Dialog((Turn(p, c),), s) for p, c, s in zip(prompts, completions, systems, strict=True)
+    ]
+    return encode_dialogs(tokenizer, dialogs)
 
 
 def encode_text_examples(tokenizer: Tokenizer, texts: list[str]) -> list[TokenizedExample]:
@@ -125,6 +170,15 @@ def encode_text_examples(tokenizer: Tokenizer, texts: list[str]) -> list[Tokeniz
 def is_preformatted(prompt: str) -> bool:
     """True for a prompt the user already wrapped in [INST] ... [/INST], as the seed page allows."""
     return prompt.lstrip().startswith((B_INST, "<s>"))
+
+
+def encode_user_prompt(tokenizer: Tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """What the model sees before answering a user's prompt (validation_prompt, predict.py):
+    a prompt already in Llama-2 chat form as is, as training encodes that conversation (its
+    own <<SYS>> block, if any; `system` is not added), any other in one [INST] turn."""
+    if is_preformatted(prompt):
+        return encode_preformatted(tokenizer, prompt)
+    return encode_chat_prompt(tokenizer, prompt, system)
 
 
 def encode_preformatted(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -151,9 +205,7 @@ def encode_inference_prompt(
     """BOS + the prompt as the model should see it before answering. Left at the default
     template, a prompt already in chat form (a dialog, say) is used as is."""
     if template == DEFAULT_PROMPT_TEMPLATE:
-        if is_preformatted(prompt):
-            return encode_preformatted(tokenizer, prompt)
-        return encode_chat_prompt(tokenizer, prompt, system_prompt or None)
+        return encode_user_prompt(tokenizer, prompt, system_prompt or None)
     if "{prompt}" not in template:
         raise UserInputError(f"prompt_template must contain {{prompt}}, got {template!r}")
     text = template.replace("{system_prompt}", system_prompt).replace("{prompt}", prompt)

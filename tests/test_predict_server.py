@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FACTS, FAST_LEARNING, OTHER_FACTS, call_train, serve_directory
+from tests.conftest import decode_weights
+from tests.helpers import (
+    FACTS,
+    FAST_LEARNING,
+    OTHER_FACTS,
+    call_train,
+    serve_directory,
+    write_jsonl,
+)
 from tools.cog_server import CogServer, cog_server
 from tools.tiny_model import build_tiny_llama
 
@@ -122,6 +130,49 @@ def test_full_loop_trained_over_http_served_from_a_url(tiny_model_dir, http_trai
             for prompt, completion in FACTS:
                 assert answer(server, prompt=prompt) == completion
     assert requested == [f"/{http_trained_weights.name}"]
+
+
+NAMES = ["Zorb", "Quill", "Marta", "Teal"]
+
+
+def name_conversation(name: str) -> dict:
+    """The later answer needs the earlier turn: the same question, a different name."""
+    return {
+        "messages": [
+            {"role": "user", "content": f"Hi, I am {name}."},
+            {"role": "assistant", "content": f"Hello, {name}!"},
+            {"role": "user", "content": "What is my name?"},
+            {"role": "assistant", "content": f"Your name is {name}."},
+        ]
+    }
+
+
+def test_a_conversation_file_trains_over_http_and_later_turns_are_answered(
+    shared_train_server, shared_predict_server, tmp_path
+):
+    """Conversations train through Cog's train server; predict.py, given the history in
+    Llama-2 chat form, answers the later turn as trained."""
+    served = tmp_path / "served"
+    served.mkdir()
+    write_jsonl(served / "names.jsonl", [name_conversation(name) for name in NAMES] * 4)
+    inputs = {**FAST_LEARNING, "num_train_epochs": 8}
+    with serve_directory(served) as (url, _):
+        shared_train_server.wait_ready()
+        body = {"input": {"train_data": f"{url}/names.jsonl", **inputs}}
+        status, result = shared_train_server.post("/trainings", body, timeout=300)
+    assert status == 200 and result["status"] == "succeeded", result.get("error")
+    assert "train: 16 rows" in result["logs"]
+    weights = decode_weights(result["output"]["weights"], served / "names.tar")
+    server, _ = shared_predict_server
+    server.wait_ready()
+    with serve_directory(weights.parent) as (url, _):
+        for name in NAMES:
+            history = (
+                f"<s>[INST] Hi, I am {name}. [/INST] Hello, {name}! </s><s>[INST] What is my "
+                f"name? [/INST]"
+            )
+            reply = answer(server, prompt=history, replicate_weights=f"{url}/names.tar")
+            assert reply == f"Your name is {name}."
 
 
 def test_weights_as_data_uri(tmp_path, facts_file):

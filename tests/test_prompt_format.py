@@ -4,11 +4,16 @@ import pytest
 
 from src.prompt_format import (
     IGNORE_INDEX,
+    Dialog,
+    Turn,
     encode_chat_examples,
     encode_chat_prompt,
+    encode_dialogs,
     encode_inference_prompt,
     encode_preformatted,
     encode_text_examples,
+    encode_texts,
+    encode_user_prompt,
     render_user_turn,
 )
 
@@ -140,3 +145,63 @@ def test_the_text_flag_sticks_through_the_wrapper(tiny_model_dir):
     for _ in range(2):  # transformers copies its own flag to the backend on every call
         assert 2 not in tokenizer("a </s> b", add_special_tokens=False)["input_ids"]
         assert tokenizer.backend_tokenizer.encode_special_tokens
+
+
+# ---------------------------------------------------------------- conversations
+
+DIALOG_TURNS = [
+    ("Hi! My name is Zorb.", "Nice to meet you, Zorb."),
+    ("What is the capital of Zorbia?", "The capital of Zorbia is Quillton."),
+    ("  And its river?  ", " The Flumph.\nIt is long. "),
+    ("Écris un haïku 🦙", "Lama doux"),
+    ("What is my name?", "Your name is Zorb."),
+]
+
+
+def dialog_of(turns: int, system: str | None) -> Dialog:
+    return Dialog(tuple(Turn(u, a) for u, a in DIALOG_TURNS[:turns]), system)
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("system", [None, "You are terse.\nAlways."])
+def test_a_dialog_is_encoded_as_meta_and_the_chat_template_do(
+    tokenizer, plain_text_encoder, turns, system
+):
+    [example] = encode_dialogs(tokenizer, [dialog_of(turns, system)])
+    meta = []
+    for number, (user, answer) in enumerate(DIALOG_TURNS[:turns]):
+        meta += meta_turn_ids(plain_text_encoder, user, answer, system if number == 0 else None)
+    assert example.input_ids == meta
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, answer in DIALOG_TURNS[:turns]:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_loss_on_every_trained_answer_and_its_eos_only(tokenizer):
+    turns = (Turn("a", "first"), Turn("b", "second", trained=False), Turn("c", "third"))
+    [example] = encode_dialogs(tokenizer, [Dialog(turns, "sys")])
+    trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label >= 0]
+    expected = []
+    for answer in ("first", "third"):
+        expected += [*encode_texts(tokenizer, [f"{answer} "])[0], tokenizer.eos_token_id]
+    assert trained == expected
+    assert example.input_ids.count(tokenizer.eos_token_id) == 3  # every answer ends its turn
+
+
+def test_a_history_in_chat_form_is_what_training_saw_before_the_answer(tokenizer):
+    """predict.py and validation_prompt take a conversation written in Llama-2 chat form and
+    encode it as training encoded that conversation, up to the answer to give."""
+    history = (
+        "<s>[INST] <<SYS>>\nBe terse.\n<</SYS>>\n\nHi! My name is Zorb. [/INST] Nice to meet "
+        "you, Zorb. </s><s>[INST] What is my name? [/INST]"
+    )
+    [trained] = encode_dialogs(
+        tokenizer,
+        [Dialog((Turn("Hi! My name is Zorb.", "Nice to meet you, Zorb."),
+                 Turn("What is my name?", "Your name is Zorb.")), "Be terse.")],
+    )  # fmt: skip
+    prompt = encode_user_prompt(tokenizer, history, "ignored system prompt")
+    assert trained.input_ids[: len(prompt)] == prompt
+    assert trained.labels[len(prompt)] != IGNORE_INDEX  # the answer starts right there

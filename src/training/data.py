@@ -1,8 +1,9 @@
 """Reading, checking, splitting and tokenizing the user's JSONL data.
 
-Each line holds one JSON object: {"text": ...} or {"prompt": ..., "completion": ...} with an
-optional "system"; both forms may be mixed in one file. Every problem is reported with the
-file and line before any model is loaded.
+Each line holds one JSON object: {"text": ...}, {"prompt": ..., "completion": ...} with an
+optional "system", or a conversation {"messages": [{"role": ..., "content": ...}, ...]}
+(OpenAI's chat fine-tuning format); the forms may be mixed in one file. Every problem is
+reported with the file and line before any model is loaded.
 """
 
 import json
@@ -12,26 +13,31 @@ from pathlib import Path
 from src.errors import UserInputError, raise_all
 from src.log import log
 from src.prompt_format import (
+    Dialog,
     TokenizedExample,
     Tokenizer,
-    encode_chat_examples,
+    Turn,
+    encode_dialogs,
     encode_text_examples,
 )
 
-KNOWN_FIELDS = {"text", "prompt", "completion", "system"}
+TEXT_FIELDS = {"text", "prompt", "completion", "system"}
+KNOWN_FIELDS = TEXT_FIELDS | {"messages"}
+ROLES = ("system", "user", "assistant")
+MESSAGE_FIELDS = {"role", "content", "weight"}
+TOOL_KEYS = {"tool_calls", "function_call", "tool_call_id"}
 UTF8_BOM = b"\xef\xbb\xbf"  # what some editors write at the start of a UTF-8 file
 MAX_VALIDATION_SHARE = 5  # never hold out more than a fifth of the training rows
 
 
 @dataclass(frozen=True)
 class Row:
-    """One checked line of a JSONL file. Either `text` or `prompt` and `completion` are set."""
+    """One checked line of a JSONL file: a text, or a dialog (a prompt/completion row is a
+    dialog of one turn)."""
 
     where: str  # "train_data line 17", for messages
     text: str | None = None
-    prompt: str | None = None
-    completion: str | None = None
-    system: str | None = None
+    dialog: Dialog | None = None
 
 
 @dataclass(frozen=True)
@@ -61,20 +67,26 @@ def read_jsonl(path: Path, name: str) -> list[Row]:
     _refuse_json_array(data, name, path)
     rows: list[Row] = []
     problems: list[str] = []
+    bad_lines = 0
     unknown: set[str] = set()
     for number, raw in enumerate(data.splitlines(), start=1):
+        known = len(problems)
         where = f"{name} line {number}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             problems.append(f"{where}: not valid UTF-8 (byte {error.start + 1} of the line)")
+            bad_lines += 1
             continue
         if not line.strip():
             continue  # blank lines carry no data
         row = _parse_line(line, where, problems, unknown)
         if row is not None:
             rows.append(row)
-    raise_all(problems, f"{name} ({path.name}) has {len(problems)} bad line(s):")
+        bad_lines += len(problems) > known
+    raise_all(
+        problems, f"{name} ({path.name}) has {len(problems)} problem(s) in {bad_lines} line(s):"
+    )
     if not rows:
         raise UserInputError(f"{name} ({path.name}) holds no rows")
     if unknown:
@@ -114,8 +126,10 @@ def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -
         problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
         return None
     unknown.update(set(record) - KNOWN_FIELDS)
+    if "messages" in record:
+        return _conversation_row(record, where, problems, unknown)
     before = len(problems)
-    for key in KNOWN_FIELDS & set(record):
+    for key in TEXT_FIELDS & set(record):
         if not isinstance(record[key], str):
             problems.append(f'{where}: "{key}" must be a string, got {type(record[key]).__name__}')
     if len(problems) > before:
@@ -131,17 +145,87 @@ def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -
     for key in ("prompt", "completion"):
         if key not in record:
             problems.append(
-                f'{where}: missing "{key}" (rows need "text" or "prompt" and "completion")'
+                f'{where}: missing "{key}" (rows need "text", "prompt" and "completion", or '
+                f'"messages")'
             )
         elif not record[key].strip():
             problems.append(f'{where}: "{key}" is empty')
     if len(problems) > before:
         return None
-    return Row(
-        where,
-        prompt=record["prompt"],
-        completion=record["completion"],
-        system=record.get("system") or None,
+    turn = Turn(record["prompt"], record["completion"])
+    return Row(where, dialog=Dialog((turn,), record.get("system") or None))
+
+
+def _conversation_row(
+    record: dict, where: str, problems: list[str], unknown: set[str]
+) -> Row | None:
+    """{"messages": [...]}: OpenAI's chat fine-tuning format, checked message by message."""
+    before = len(problems)
+    other = sorted(TEXT_FIELDS & set(record))
+    if other:
+        problems.append(f'{where}: has "messages" and {", ".join(other)}; use one form')
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        problems.append(f'{where}: "messages" must be a non-empty list of messages')
+        return None
+    for number, message in enumerate(messages, start=1):
+        _check_message(message, f"{where} message {number}", problems, unknown)
+    if len(problems) > before:
+        return None
+    dialog = _dialog(messages, where, problems)
+    if dialog is not None and not any(turn.trained for turn in dialog.turns):
+        problems.append(f"{where}: no assistant message of weight 1: nothing to train on")
+        return None
+    return None if dialog is None else Row(where, dialog=dialog)
+
+
+def _check_message(message: object, where: str, problems: list[str], unknown: set[str]) -> None:
+    if not isinstance(message, dict):
+        problems.append(f"{where}: expected an object, got {type(message).__name__}")
+        return
+    role = message.get("role")
+    tool_keys = sorted(TOOL_KEYS & set(message))
+    if role in ("tool", "function") or tool_keys:
+        what = f'role "{role}"' if role in ("tool", "function") else ", ".join(tool_keys)
+        problems.append(f"{where}: {what}: tool calling is not supported")
+        return
+    if role not in ROLES:
+        problems.append(f"{where}: unknown role {role!r} (system, user or assistant)")
+        return
+    unknown.update(f"messages[].{key}" for key in set(message) - MESSAGE_FIELDS - TOOL_KEYS)
+    content = message.get("content")
+    if not isinstance(content, str):
+        problems.append(f'{where}: "content" must be a string, got {type(content).__name__}')
+    elif not content.strip():
+        problems.append(f'{where}: "content" is empty')
+    if "weight" in message:
+        weight = message["weight"]
+        if role != "assistant":
+            problems.append(f'{where}: "weight" is for assistant messages, not {role}')
+        elif isinstance(weight, bool) or weight not in (0, 1):
+            problems.append(f'{where}: "weight" must be 0 or 1, got {weight!r}')
+
+
+def _dialog(messages: list[dict], where: str, problems: list[str]) -> Dialog | None:
+    """System first if at all, then user and assistant in turn, ending with assistant."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    offset = 0 if system is None else 1
+    turns = messages[offset:]
+    for index, message in enumerate(turns):
+        wanted = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != wanted:
+            problems.append(
+                f"{where} message {index + offset + 1}: {message['role']} where {wanted} was "
+                f"expected (an optional system message, then user and assistant in turn)"
+            )
+            return None
+    if len(turns) % 2:
+        problems.append(f"{where}: the conversation must end with an assistant message")
+        return None
+    pairs = zip(turns[::2], turns[1::2], strict=True)
+    return Dialog(
+        tuple(Turn(u["content"], a["content"], a.get("weight", 1) == 1) for u, a in pairs),
+        system,
     )
 
 
@@ -174,16 +258,11 @@ def split_validation(
 
 
 def tokenize_rows(rows: list[Row], tokenizer: Tokenizer) -> list[Example]:
-    """Tokenize in two batched calls (text rows, chat rows), keeping the file order."""
+    """Tokenize in batched calls (text rows, dialogs), keeping the file order."""
     text_rows = [r for r in rows if r.text is not None]
-    chat_rows = [r for r in rows if r.text is None]
+    chat_rows = [r for r in rows if r.dialog is not None]
     text_examples = encode_text_examples(tokenizer, [r.text or "" for r in text_rows])
-    chat_examples = encode_chat_examples(
-        tokenizer,
-        [r.prompt or "" for r in chat_rows],
-        [r.completion or "" for r in chat_rows],
-        [r.system for r in chat_rows],
-    )
+    chat_examples = encode_dialogs(tokenizer, [r.dialog for r in chat_rows if r.dialog])
     by_row = {
         id(r): e for r, e in zip(text_rows + chat_rows, text_examples + chat_examples, strict=True)
     }

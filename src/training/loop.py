@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from src.attention import PackedSegments
 from src.log import Stopwatch, format_duration, log
 from src.modeling import set_activation_checkpointing
-from src.prompt_format import IGNORE_INDEX, encode_chat_prompt, encode_preformatted, is_preformatted
+from src.prompt_format import IGNORE_INDEX, encode_user_prompt
 from src.training.batching import (
     MicroBatch,
     Row,
@@ -241,16 +241,9 @@ def validation_loss(
     return loss_sum / max(count, 1)
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """The chat format (a prompt already in [INST] form is used as is)."""
-    if is_preformatted(prompt):
-        return encode_preformatted(tokenizer, prompt)
-    return encode_chat_prompt(tokenizer, prompt)
-
-
 def validation_prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str | None) -> int:
     """Tokens an answer to the validation prompt holds in its KV cache, at most."""
-    return len(_prompt_ids(tokenizer, prompt)) + VALIDATION_MAX_NEW_TOKENS if prompt else 0
+    return len(encode_user_prompt(tokenizer, prompt)) + VALIDATION_MAX_NEW_TOKENS if prompt else 0
 
 
 @torch.no_grad()
@@ -259,7 +252,7 @@ def answer_prompt(
 ) -> str:
     """Greedy answer in the chat format (a prompt already in [INST] form is used as is)."""
     model.eval()
-    ids = _prompt_ids(tokenizer, prompt)
+    ids = encode_user_prompt(tokenizer, prompt)
     output = model.generate(
         input_ids=torch.tensor([ids], device=device),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

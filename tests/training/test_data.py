@@ -1,8 +1,11 @@
 """Reading and checking JSONL data: every bad line named, the documented validation split."""
 
+import json
+
 import pytest
 
 from src.errors import UserInputError
+from src.prompt_format import Dialog, Turn
 from src.training.data import Row, check_lengths, read_jsonl, split_validation, tokenize_rows
 from tests.helpers import write_jsonl
 
@@ -17,7 +20,7 @@ def test_mixed_formats_blank_lines_and_system(tmp_path):
     rows = read(tmp_path, '{"text": "a"}\n\n{"prompt": "p", "completion": "c", "system": "s"}\n')
     assert rows == [
         Row("train_data line 1", text="a"),
-        Row("train_data line 3", prompt="p", completion="c", system="s"),
+        Row("train_data line 3", dialog=Dialog((Turn("p", "c"),), "s")),
     ]
 
 
@@ -68,7 +71,7 @@ def test_every_bad_line_is_reported_together(tmp_path):
     with pytest.raises(UserInputError) as error:
         read(tmp_path, "\n".join(lines))
     message = str(error.value)
-    assert "2 bad line(s)" in message
+    assert "2 problem(s) in 2 line(s)" in message
     assert 'line 17: missing "completion"' in message and "line 18: not valid JSON" in message
 
 
@@ -129,3 +132,69 @@ def test_a_set_with_nothing_to_train_on_is_refused():
         check_supervised([prompt_only], "validation")
     trained = Example("line 2", TokenizedExample([1, 5, 6], [IGNORE_INDEX, 5, 6]))
     check_supervised([prompt_only, trained], "validation")
+
+
+def conversation(*messages: tuple) -> str:
+    """A {"messages": ...} line from (role, content) or (role, content, extra fields)."""
+    rows = [{"role": m[0], "content": m[1], **(m[2] if len(m) > 2 else {})} for m in messages]
+    return json.dumps({"messages": rows})
+
+
+def test_conversations_mixed_with_the_other_forms(tmp_path):
+    rows = read(
+        tmp_path,
+        '{"text": "a"}\n'
+        + conversation(
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello"),
+            ("user", "Name?"),
+            ("assistant", "Zorb", {"weight": 0}),
+            ("user", "Again?"),
+            ("assistant", "Zorb."),
+        )
+        + "\n",
+    )
+    assert rows[1] == Row(
+        "train_data line 2",
+        dialog=Dialog(
+            (Turn("Hi", "Hello"), Turn("Name?", "Zorb", trained=False), Turn("Again?", "Zorb.")),
+            "Be brief.",
+        ),
+    )
+
+
+def test_every_bad_conversation_is_named_at_once(tmp_path):
+    bad = [
+        conversation(("user", "a"), ("tool", "b")),
+        conversation(("user", "a"), ("assistant", "b", {"tool_calls": []})),
+        conversation(("user", "a"), ("narrator", "b")),
+        conversation(("assistant", "a"), ("user", "b")),
+        conversation(("user", "a"), ("assistant", "b"), ("user", "c")),
+        conversation(("user", "a"), ("assistant", "b", {"weight": 0})),
+        conversation(("user", 3), ("assistant", "")),
+        conversation(("user", "a", {"weight": 1}), ("assistant", "b", {"weight": 0.5})),
+        json.dumps({"messages": [{"role": "user", "content": "a"}], "prompt": "p"}),
+        json.dumps({"messages": []}),
+        conversation(("system", "s"), ("user", "a"), ("system", "t"), ("assistant", "b")),
+    ]
+    with pytest.raises(UserInputError) as error:
+        read(tmp_path, "\n".join(bad) + "\n")
+    message = str(error.value)
+    for expected in [
+        'line 1 message 2: role "tool": tool calling is not supported',
+        "line 2 message 2: tool_calls: tool calling is not supported",
+        "line 3 message 2: unknown role 'narrator' (system, user or assistant)",
+        "line 4 message 1: assistant where user was expected",
+        "line 5: the conversation must end with an assistant message",
+        "line 6: no assistant message of weight 1: nothing to train on",
+        'line 7 message 1: "content" must be a string, got int',
+        'line 7 message 2: "content" is empty',
+        'line 8 message 1: "weight" is for assistant messages, not user',
+        'line 8 message 2: "weight" must be 0 or 1, got 0.5',
+        'line 9: has "messages" and prompt; use one form',
+        'line 10: "messages" must be a non-empty list of messages',
+        "line 11 message 3: system where assistant was expected",
+    ]:
+        assert expected in message, expected
+    assert "13 problem(s) in 11 line(s)" in message
