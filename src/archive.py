@@ -1,42 +1,91 @@
-"""Safe extraction of tar archives that come from outside (base models, trained weights).
+"""Safe extraction of tar and zip archives that come from outside (base models, weights).
 
 Refuses absolute paths, `..`, links, devices and archives whose content exceeds a size cap,
-before anything is written; then extracts with Python's "data" filter as a second guard.
+before anything is written (a tar's sizes are those its members will have); a zip's members
+are extracted by streaming, the cap counted in bytes actually written, so a member whose
+header understates it cannot fill the disk. Tars are extracted with Python's "data" filter as
+a second guard. With `only`, members of other names are not extracted at all.
 """
 
+import shutil
+import stat
 import tarfile
+import zipfile
 from pathlib import Path, PurePosixPath
 
 from src.errors import UserInputError
 
+CHUNK = 1 << 20
 
-def safe_extract(archive: Path, destination: Path, max_bytes: int, what: str) -> None:
-    """Extract `archive` into `destination`, or raise UserInputError if any member is unsafe."""
+
+def safe_extract(
+    archive: Path, destination: Path, max_bytes: int, what: str, only: set[str] | None = None
+) -> list[str]:
+    """Extract `archive` (tar or zip) into `destination`, or raise UserInputError if any
+    member is unsafe. Returns the names of members left out by `only`."""
+    if zipfile.is_zipfile(archive):
+        return _extract_zip(archive, destination, max_bytes, what, only)
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
-            _check_members(members, max_bytes, what)
+            for member in members:
+                _check_name(member.name, what)
+                if not (member.isfile() or member.isdir()):
+                    raise UserInputError(
+                        f"{what}: refusing archive member {member.name!r}: "
+                        "only files and folders are allowed"
+                    )
+            wanted = [m for m in members if only is None or m.name in only]
+            _check_total(sum(m.size for m in wanted), max_bytes, what)
             destination.mkdir(parents=True, exist_ok=True)
-            tar.extractall(destination, members=members, filter="data")
+            tar.extractall(destination, members=wanted, filter="data")
+            return [m.name for m in members if m not in wanted and m.isfile()]
     except tarfile.TarError as error:
-        raise UserInputError(f"{what} is not a readable tar archive: {error}") from error
+        raise UserInputError(f"{what} is not a readable tar or zip archive: {error}") from error
 
 
-def _check_members(members: list[tarfile.TarInfo], max_bytes: int, what: str) -> None:
-    total = 0
-    for member in members:
-        name = PurePosixPath(member.name)
-        if name.is_absolute() or ".." in name.parts:
-            raise UserInputError(
-                f"{what}: refusing archive member with unsafe path {member.name!r}"
-            )
-        if not (member.isfile() or member.isdir()):
-            raise UserInputError(
-                f"{what}: refusing archive member {member.name!r}: "
-                "only files and folders are allowed"
-            )
-        total += member.size
-        if total > max_bytes:
-            raise UserInputError(
-                f"{what}: archive content exceeds the limit of {max_bytes / 2**30:.1f} GiB"
-            )
+def _extract_zip(
+    archive: Path, destination: Path, max_bytes: int, what: str, only: set[str] | None
+) -> list[str]:
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = zipped.infolist()
+            for member in members:
+                _check_name(member.filename, what)
+                if stat.S_ISLNK(member.external_attr >> 16):
+                    raise UserInputError(
+                        f"{what}: refusing archive member {member.filename!r}: "
+                        "only files and folders are allowed"
+                    )
+            files = [m for m in members if not m.is_dir()]
+            wanted = [m for m in files if only is None or m.filename in only]
+            destination.mkdir(parents=True, exist_ok=True)
+            written = 0
+            for member in wanted:
+                target = destination / member.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zipped.open(member) as source, target.open("wb") as out:
+                    while chunk := source.read(CHUNK):
+                        written += len(chunk)
+                        _check_total(written, max_bytes, what)
+                        out.write(chunk)
+            return [m.filename for m in files if m not in wanted]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
+        raise UserInputError(f"{what} is not a readable zip archive: {error}") from error
+    except UserInputError:
+        shutil.rmtree(destination, ignore_errors=True)
+        raise
+
+
+def _check_name(name: str, what: str) -> None:
+    path = PurePosixPath(name.replace("\\", "/"))
+    drive = bool(path.parts) and path.parts[0].endswith(":")  # C: in a zip made on Windows
+    if path.is_absolute() or ".." in path.parts or drive:
+        raise UserInputError(f"{what}: refusing archive member with unsafe path {name!r}")
+
+
+def _check_total(total: int, max_bytes: int, what: str) -> None:
+    if total > max_bytes:
+        raise UserInputError(
+            f"{what}: archive content exceeds the limit of {max_bytes / 2**30:.1f} GiB"
+        )

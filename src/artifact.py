@@ -5,17 +5,25 @@ A plain tar (no compression: safetensors do not compress) holding, at its top le
   adapter_model.safetensors   the LoRA weights
   training_metadata.json      inputs, base model identity, prompt format, results (METADATA_*)
   loss_curve.png              training and validation loss per optimizer step
+
+Reading also takes what Replicate's own trainer for this model returned: a zip with
+adapter_config.json and a pickled adapter_model.bin, and no metadata.
 """
 
 import hashlib
 import json
+import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from src.archive import safe_extract
 from src.errors import UserInputError
+from src.log import log
 
 ARCHIVE_NAME = "training_output.tar"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,15 +42,21 @@ ARCHITECTURE_KEYS = (
     "num_key_value_heads",
     "vocab_size",
 )
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+ADAPTER_PICKLE = "adapter_model.bin"  # peft < 0.6, as Replicate's trainer saved it
+ARCHIVE_MEMBERS = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE, METADATA, LOSS_CURVE}
 
 
 @dataclass(frozen=True)
 class AdapterFiles:
-    """An unpacked archive: the PEFT adapter folder and its metadata."""
+    """An unpacked archive: the PEFT adapter folder and its metadata (None for an adapter
+    trained elsewhere, such as Replicate's own trainer, which wrote none)."""
 
     folder: Path
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] | None
+
+    @property
+    def peft_method(self) -> str:
+        return self.metadata.get("peft_method", "lora") if self.metadata else "lora"
 
 
 def base_model_fingerprint(model_dir: Path) -> dict[str, Any]:
@@ -69,24 +83,63 @@ def write_archive(adapter_dir: Path, metadata: dict[str, Any], loss_curve: Path,
 
 
 def read_archive(archive: Path, destination: Path) -> AdapterFiles:
-    """Unpack safely into `destination` and check that it is an adapter archive of this format."""
-    safe_extract(archive, destination, MAX_ARCHIVE_BYTES, what="weights")
+    """Unpack a weights archive (tar or zip) safely into `destination` and check it.
+
+    Only the adapter, its config, the metadata and the loss curve are extracted, from the top
+    level; anything else is listed in the logs. A pickled `adapter_model.bin` (what
+    Replicate's own trainer wrote, with peft 0.4) is read as tensors only and converted to
+    safetensors: no code in it can run.
+    """
+    skipped = safe_extract(archive, destination, MAX_ARCHIVE_BYTES, "weights", ARCHIVE_MEMBERS)
+    if skipped:
+        log(f"weights: not read from the archive: {', '.join(sorted(skipped))}")
+    pickled = destination / ADAPTER_PICKLE
+    if pickled.is_file():
+        if not (destination / ADAPTER_WEIGHTS).is_file():
+            _convert_to_safetensors(pickled, destination / ADAPTER_WEIGHTS)
+        pickled.unlink()
+    if (destination / ADAPTER_CONFIG).is_file():
+        _drop_retired_config_keys(destination / ADAPTER_CONFIG)
     return open_adapter(destination)
 
 
+def _drop_retired_config_keys(config: Path) -> None:
+    """peft 0.4's adapter_config.json has keys that later peft no longer reads."""
+    from peft import LoraConfig
+
+    values = json.loads(config.read_text())
+    known = {field.name for field in fields(LoraConfig)}
+    retired = sorted(key for key in values if key not in known)
+    if retired:
+        log(f"weights: {ADAPTER_CONFIG} from an older peft; not used: {', '.join(retired)}")
+        config.write_text(json.dumps({k: v for k, v in values.items() if k in known}))
+
+
+def _convert_to_safetensors(pickled: Path, out: Path) -> None:
+    try:
+        tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise UserInputError(
+            f"weights: {ADAPTER_PICKLE} is not a plain dictionary of tensors ({error}); "
+            f"nothing else is read from a pickle"
+        ) from error
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise UserInputError(f"weights: {ADAPTER_PICKLE} is not a dictionary of tensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+
+
 def open_adapter(folder: Path) -> AdapterFiles:
-    """Check an unpacked archive: the expected files, safetensors only, this format version."""
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA):
+    """Check an unpacked archive: a PEFT adapter, and this project's metadata if it has any."""
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
             raise UserInputError(
                 f"weights: the archive has no {name}; expected a training output of this model "
-                f"({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}, {METADATA})"
+                f"({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} or {ADAPTER_PICKLE}, at its top level)"
             )
-    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise UserInputError(
-            f"weights: refusing pickle files {', '.join(pickles)}: only safetensors are loaded"
-        )
+    if not (folder / METADATA).is_file():
+        return AdapterFiles(folder, None)
     metadata = json.loads((folder / METADATA).read_text())
     if metadata.get("format") != FORMAT_VERSION:
         raise UserInputError(

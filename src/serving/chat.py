@@ -17,6 +17,7 @@ lands elsewhere), and the base takes a quarter of the memory.
 
 import hashlib
 import os
+import re
 import time
 import warnings
 from collections import OrderedDict
@@ -28,9 +29,16 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from src.artifact import ARCHITECTURE_KEYS, AdapterFiles, base_model_fingerprint
+from src.artifact import (
+    ADAPTER_WEIGHTS,
+    ARCHITECTURE_KEYS,
+    METADATA,
+    AdapterFiles,
+    base_model_fingerprint,
+)
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
 from src.fetch import public_url
@@ -53,6 +61,8 @@ from src.serving.weights import WeightsStore
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
 DTYPE_VARIABLE = "PREDICT_DTYPE"
+# peft's saved names: base_model.model.<module path>.lora_A.weight (and lora_B)
+LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 SERVING_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -79,9 +89,7 @@ class ChatModel:
         self.placement: Placement = serving_placement()
         self.tokenizer = load_tokenizer(self.base.path)
         self.context_window = context_window(self.base.path)
-        self.from_qlora = (
-            setup_adapter is not None and setup_adapter.metadata["peft_method"] == "qlora"
-        )
+        self.from_qlora = setup_adapter is not None and setup_adapter.peft_method == "qlora"
         self.model: PreTrainedModel | PeftModel = load_inference_base(
             self.base.path, self.from_qlora, self.placement
         )
@@ -163,7 +171,7 @@ class ChatModel:
         log(f"adapter {_short(source)} active ({time.perf_counter() - started:.2f} s)")
 
     def _load_adapter(self, name: str, adapter: AdapterFiles) -> None:
-        trained_on_4bit = adapter.metadata["peft_method"] == "qlora"
+        trained_on_4bit = adapter.peft_method == "qlora"
         if trained_on_4bit != self.from_qlora:
             log(
                 f"note: an adapter trained on a {'4-bit' if trained_on_4bit else 'full-precision'}"
@@ -212,6 +220,9 @@ class ChatModel:
         return nullcontext()
 
     def _check_base(self, adapter: AdapterFiles, source: str) -> None:
+        if adapter.metadata is None:
+            self._check_foreign(adapter, source)
+            return
         trained_on = adapter.metadata.get("base_model", {})
         here = base_model_fingerprint(self.base.path)
         different = [k for k in ARCHITECTURE_KEYS if trained_on.get(k) != here.get(k)]
@@ -226,6 +237,43 @@ class ChatModel:
                 f"note: weights {_short(source)} were trained on {trained_on.get('source')!r}; "
                 f"same architecture as {self.base.public_name!r} but a different config.json"
             )
+
+    def _check_foreign(self, adapter: AdapterFiles, source: str) -> None:
+        """An adapter trained elsewhere (Replicate's trainer wrote no metadata): served as
+        LoRA if its tensors fit this base's layers. The base path in its adapter_config.json
+        names a folder on another machine and proves nothing."""
+        log(
+            f"weights {_short(source)}: no {METADATA} (trained elsewhere, such as by "
+            f"Replicate's trainer): served as LoRA; its training facts are unknown"
+        )
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        problems = adapter_shape_problems(adapter.folder / ADAPTER_WEIGHTS, base)
+        raise_all(problems, f"weights {_short(source)} do not fit this server's base model:")
+
+
+def adapter_shape_problems(weights: Path, base: torch.nn.Module) -> list[str]:
+    """Every LoRA tensor against the layer it adapts: lora_A is (rank, in), lora_B (out, rank)."""
+    linears = {
+        name.removesuffix(".base_layer"): module
+        for name, module in base.named_modules()
+        if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features")
+    }
+    problems = []
+    with safe_open(weights, framework="pt") as tensors:
+        for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
+            match = LORA_KEY.fullmatch(key)
+            if match is None:
+                problems.append(f"{key}: not a LoRA weight of a linear layer")
+                continue
+            module = linears.get(match["module"])
+            shape = tuple(tensors.get_slice(key).get_shape())
+            if module is None:
+                problems.append(f"{key}: this base has no layer {match['module']}")
+            elif match["part"] == "A" and shape[1:] != (module.in_features,):
+                problems.append(f"{key}: shape {shape}, the layer takes {module.in_features}")
+            elif match["part"] == "B" and shape[:1] != (module.out_features,):
+                problems.append(f"{key}: shape {shape}, the layer gives {module.out_features}")
+    return problems
 
 
 def serving_placement() -> Placement:

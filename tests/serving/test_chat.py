@@ -7,6 +7,7 @@ import tarfile
 import time
 
 import pytest
+import torch
 
 import src.artifact
 from src.errors import UserInputError
@@ -209,9 +210,9 @@ def _symlink(tar) -> None:
                 _add_bytes(tar, n, b"{}")
                 for n in ("adapter_config.json", "adapter_model.bin", "training_metadata.json")
             ],
-            "no adapter_model.safetensors",
+            "adapter_model.bin is not a plain dictionary of tensors",
         ),
-        (lambda tar: _add_bytes(tar, "big.bin", b"x" * 4096), "exceeds the limit"),
+        (lambda tar: _add_bytes(tar, "adapter_model.safetensors", b"x" * 4096), "exceeds"),
     ],
 )
 def test_malicious_archives_are_refused(tmp_path, monkeypatch, build, message):
@@ -231,9 +232,17 @@ def test_malicious_weights_fail_setup_clearly(base_model_env, tmp_path):
         ChatModel(archive)
 
 
-def test_pickle_next_to_safetensors_is_refused(facts_archive, tmp_path):
+def test_a_pickle_beside_safetensors_is_never_read(facts_archive, tmp_path, monkeypatch):
     with tarfile.open(facts_archive) as tar:
         tar.extractall(tmp_path / "x", filter="data")
     (tmp_path / "x" / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(UserInputError, match=r"refusing pickle files adapter_model\.bin"):
-        src.artifact.open_adapter(tmp_path / "x")
+    with tarfile.open(tmp_path / "both.tar", "w") as tar:
+        for item in (tmp_path / "x").iterdir():
+            tar.add(item, arcname=item.name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    adapter = WeightsStore(tmp_path / "store").unpack(str(tmp_path / "both.tar"))
+    assert not (adapter.folder / "adapter_model.bin").exists()
