@@ -107,12 +107,22 @@ def _drop_retired_config_keys(config: Path) -> None:
     """peft 0.4's adapter_config.json has keys that later peft no longer reads."""
     from peft import LoraConfig
 
-    values = json.loads(config.read_text())
+    values = read_adapter_config(config)
     known = {field.name for field in fields(LoraConfig)}
     retired = sorted(key for key in values if key not in known)
     if retired:
         log(f"weights: {ADAPTER_CONFIG} from an older peft; not used: {', '.join(retired)}")
         config.write_text(json.dumps({k: v for k, v in values.items() if k in known}))
+
+
+def read_adapter_config(config: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserInputError(f"weights: {ADAPTER_CONFIG} is not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise UserInputError(f"weights: {ADAPTER_CONFIG} is not a JSON object")
+    return values
 
 
 def _convert_to_safetensors(pickled: Path, out: Path) -> None:
@@ -127,7 +137,7 @@ def _convert_to_safetensors(pickled: Path, out: Path) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):
         raise UserInputError(f"weights: {ADAPTER_PICKLE} is not a dictionary of tensors")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, out)  # no shared memory
 
 
 def open_adapter(folder: Path) -> AdapterFiles:

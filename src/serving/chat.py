@@ -33,11 +33,13 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from src.artifact import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ARCHITECTURE_KEYS,
     METADATA,
     AdapterFiles,
     base_model_fingerprint,
+    read_adapter_config,
 )
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
@@ -247,32 +249,46 @@ class ChatModel:
             f"Replicate's trainer): served as LoRA; its training facts are unknown"
         )
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        problems = adapter_shape_problems(adapter.folder / ADAPTER_WEIGHTS, base)
+        config = read_adapter_config(adapter.folder / ADAPTER_CONFIG)
+        problems = adapter_shape_problems(adapter.folder / ADAPTER_WEIGHTS, base, config)
         raise_all(problems, f"weights {_short(source)} do not fit this server's base model:")
 
 
-def adapter_shape_problems(weights: Path, base: torch.nn.Module) -> list[str]:
-    """Every LoRA tensor against the layer it adapts: lora_A is (rank, in), lora_B (out, rank)."""
+def adapter_shape_problems(weights: Path, base: torch.nn.Module, config: dict) -> list[str]:
+    """A LoRA adapter whose config names the modules its tensors adapt, every tensor against
+    the layer it adapts: lora_A is (rank, in), lora_B (out, rank)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        return [f"a {config.get('peft_type')} adapter: only LoRA adapters are served"]
     linears = {
         name.removesuffix(".base_layer"): module
         for name, module in base.named_modules()
         if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features")
     }
-    problems = []
+    problems, adapted = [], set()
+    rank, targets = config.get("r"), set(config.get("target_modules") or [])
     with safe_open(weights, framework="pt") as tensors:
         for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
             match = LORA_KEY.fullmatch(key)
             if match is None:
                 problems.append(f"{key}: not a LoRA weight of a linear layer")
                 continue
+            adapted.add(match["module"].rsplit(".", 1)[-1])
             module = linears.get(match["module"])
             shape = tuple(tensors.get_slice(key).get_shape())
+            inner = shape[0] if match["part"] == "A" else shape[-1]
             if module is None:
                 problems.append(f"{key}: this base has no layer {match['module']}")
             elif match["part"] == "A" and shape[1:] != (module.in_features,):
                 problems.append(f"{key}: shape {shape}, the layer takes {module.in_features}")
             elif match["part"] == "B" and shape[:1] != (module.out_features,):
                 problems.append(f"{key}: shape {shape}, the layer gives {module.out_features}")
+            elif inner != rank:
+                problems.append(f"{key}: rank {inner}, the config says r={rank}")
+    if adapted != targets:
+        problems.append(
+            f"the config's target_modules {sorted(targets)} are not the modules its tensors "
+            f"adapt, {sorted(adapted)}"
+        )
     return problems
 
 

@@ -27,9 +27,13 @@ class WeightsStore:
         if not (folder / ".complete").is_file():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-                archive = fetch_to_file(source, Path(tmp) / "weights.tar", what)
-                read_archive(archive, folder / "adapter")
+            try:
+                with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+                    archive = fetch_to_file(source, Path(tmp) / "weights.archive", what)
+                    read_archive(archive, folder / "adapter")
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # nothing half-unpacked stays behind
+                raise
             (folder / ".complete").touch()
             log(f"{what}: unpacked {_describe(source)}")
         return open_adapter(folder / "adapter")

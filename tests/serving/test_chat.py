@@ -246,3 +246,11 @@ def test_a_pickle_beside_safetensors_is_never_read(facts_archive, tmp_path, monk
     monkeypatch.setattr(torch, "load", refuse)
     adapter = WeightsStore(tmp_path / "store").unpack(str(tmp_path / "both.tar"))
     assert not (adapter.folder / "adapter_model.bin").exists()
+
+
+def test_a_history_in_chat_form_is_used_as_is_and_the_logs_say_so(chat_model, capsys):
+    history = f"<s>[INST] {PROMPT} [/INST]"
+    assert ask(chat_model, history, system_prompt="You are a pirate.") == ANSWER
+    assert "system_prompt is not added" in capsys.readouterr().out
+    ask(chat_model, history, system_prompt="")
+    assert "system_prompt is not added" not in capsys.readouterr().out

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -168,3 +169,53 @@ def test_hostile_zips_are_refused_like_hostile_tars(tmp_path, monkeypatch, build
     assert not any("escaped" in p.name for p in written)
     assert not os.path.exists(marker)  # no code from a pickle ever ran
     assert sum(p.stat().st_size for p in written) <= 1 << 20  # never more than the cap
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target_modules": ["v_proj"]}, "target_modules ['v_proj'] are not the modules its"),
+        ({"r": 16}, "rank 8, the config says r=16"),
+        ({"peft_type": "PREFIX_TUNING"}, "only LoRA adapters are served"),
+    ],
+)
+def test_a_foreign_config_must_describe_its_tensors(
+    base_model_env, replicate_zip, tmp_path, change, message
+):
+    _, folder = replicate_zip
+    config = {**PEFT_0_4_CONFIG, **change}
+    archive = zip_of(tmp_path / "w.zip", {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.bin": (folder / "adapter_model.bin").read_bytes(),
+    })  # fmt: skip
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        ChatModel(str(archive))
+
+
+def test_a_tar_with_dotted_names_extra_members_and_a_zip_inside(
+    base_model_env, replicate_zip, tmp_path, capsys
+):
+    """`tar -C dir -cf w.tar .` writes ./names; a zip member does not make it a zip."""
+    import tarfile
+
+    archive, folder = replicate_zip
+    with tarfile.open(tmp_path / "w.tar", "w") as tar:
+        for name in ("adapter_config.json", "adapter_model.bin"):
+            tar.add(folder / name, arcname=f"./{name}")
+        tar.add(archive, arcname="./old/training_output.zip")
+    adapter = WeightsStore(tmp_path / "store").unpack(str(tmp_path / "w.tar"))
+    assert sorted(p.name for p in adapter.folder.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]  # fmt: skip
+    assert "not read from the archive: ./old/training_output.zip" in capsys.readouterr().out
+
+
+def test_nothing_half_unpacked_stays_behind(tmp_path):
+    good = zip_of(tmp_path / "good.zip", {"adapter_config.json": b"{}" * 100})
+    data = bytearray(good.read_bytes())
+    data[40:44] = b"XXXX"  # inside the compressed member: its CRC no longer matches
+    (tmp_path / "bad.zip").write_bytes(bytes(data))
+    store = WeightsStore(tmp_path / "store")
+    with pytest.raises(UserInputError):
+        store.unpack(str(tmp_path / "bad.zip"))
+    assert not [p for p in store.root.rglob("*") if p.is_file()]

@@ -177,6 +177,11 @@ def test_every_bad_conversation_is_named_at_once(tmp_path):
         json.dumps({"messages": [{"role": "user", "content": "a"}], "prompt": "p"}),
         json.dumps({"messages": []}),
         conversation(("system", "s"), ("user", "a"), ("system", "t"), ("assistant", "b")),
+        conversation(("user", "a"), ("function", "b")),
+        conversation(("user", "a"), ("assistant", "b", {"function_call": {}})),
+        json.dumps({"messages": "hello"}),
+        json.dumps({"messages": ["hello"]}),
+        conversation(("user", "a"), ("assistant", "b", {"weight": True})),
     ]
     with pytest.raises(UserInputError) as error:
         read(tmp_path, "\n".join(bad) + "\n")
@@ -195,6 +200,11 @@ def test_every_bad_conversation_is_named_at_once(tmp_path):
         'line 9: has "messages" and prompt; use one form',
         'line 10: "messages" must be a non-empty list of messages',
         "line 11 message 3: system where assistant was expected",
+        'line 12 message 2: role "function": tool calling is not supported',
+        "line 13 message 2: function_call: tool calling is not supported",
+        'line 14: "messages" must be a non-empty list of messages',
+        "line 15 message 1: expected an object, got str",
+        'line 16 message 2: "weight" must be 0 or 1, got True',
     ]:
         assert expected in message, expected
-    assert "13 problem(s) in 11 line(s)" in message
+    assert "18 problem(s) in 16 line(s)" in message

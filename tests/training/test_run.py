@@ -322,3 +322,56 @@ def test_running_out_of_gpu_memory_names_the_inputs_to_lower(
     assert "Set TRAIN_GPU_MEMORY_GIB below the card's memory" in message
     assert "or lower lora_rank" in message and "allocator details" not in message
     assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def names_conversation(name: str) -> dict:
+    return {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Hi, I am {name}."},
+            {"role": "assistant", "content": f"Hello, {name}!", "weight": 0},
+            {"role": "user", "content": "What is my name?"},
+            {"role": "assistant", "content": f"Your name is {name}."},
+        ]
+    }
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_conversations_pack_validate_and_answer_the_validation_prompt(
+    base_model_env, tmp_path, monkeypatch, capsys, wrap
+):
+    """A conversation is one example for packing and the validation split, and a
+    validation_prompt in chat form is encoded as training encodes that conversation."""
+    import src.training.loop
+    from src.prompt_format import encode_preformatted
+
+    encoded = []
+    encode = src.training.loop.encode_user_prompt
+
+    def spy(tokenizer, prompt, system=None):
+        encoded.append((prompt, encode(tokenizer, prompt, system)))
+        return encoded[-1][1]
+
+    monkeypatch.setattr(src.training.loop, "encode_user_prompt", spy)
+    rows = [names_conversation(n) for n in ("Zorb", "Quill", "Marta", "Teal", "Ada")] * 2
+    rows.append({"prompt": "plain", "completion": "rows mix in"})
+    data = write_jsonl(tmp_path / "names.jsonl", rows)
+    history = "<s>[INST] Hi, I am Zorb. [/INST] Hello, Zorb! </s><s>[INST] What is my name? [/INST]"
+    archive = call_train(
+        train_data=str(data), num_validation_samples=2, pack_sequences=True,
+        wrap_packed_sequences=wrap, chunk_size=128, num_train_epochs=1, validation_prompt=history,
+    )  # fmt: skip
+    logs = capsys.readouterr().out
+    assert "train: 9 rows" in logs and "validation: 2 rows" in logs
+    results = read_archive(archive, tmp_path / "w").metadata["results"]
+    assert results["final_validation_loss"] > 0 and results["train_rows"] < 9
+    assert results["supervised_tokens_trained"] > 0
+    [(prompt, ids)] = encoded[-1:]
+    assert prompt == history
+    assert ids == encode_preformatted(load_tokenizer_for(base_model_env), history)
+
+
+def load_tokenizer_for(model_dir):
+    from src.modeling import load_tokenizer
+
+    return load_tokenizer(model_dir)
