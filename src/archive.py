@@ -48,12 +48,7 @@ def _extract_tar(
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for member in members:
-            _check_name(member.name, what)
-            if not (member.isfile() or member.isdir()):
-                raise UserInputError(
-                    f"{what}: refusing archive member {member.name!r}: "
-                    "only files and folders are allowed"
-                )
+            _check_member(member.name, member.isfile() or member.isdir(), what)
         wanted = [m for m in members if only is None or _plain(m.name) in only]
         _check_total(sum(m.size for m in wanted), max_bytes, what)
         destination.mkdir(parents=True, exist_ok=True)
@@ -68,12 +63,8 @@ def _extract_zip(
     with zipfile.ZipFile(archive) as zipped:
         members = zipped.infolist()
         for member in members:
-            _check_name(member.filename, what)
-            if stat.S_ISLNK(member.external_attr >> 16):
-                raise UserInputError(
-                    f"{what}: refusing archive member {member.filename!r}: "
-                    "only files and folders are allowed"
-                )
+            is_link = stat.S_ISLNK(member.external_attr >> 16)
+            _check_member(member.filename, not is_link, what)
         files = [m for m in members if not m.is_dir()]
         wanted = [m for m in files if only is None or _plain(m.filename) in only]
         destination.mkdir(parents=True, exist_ok=True)
@@ -94,11 +85,15 @@ def _plain(name: str) -> str:
     return name.removeprefix("./")
 
 
-def _check_name(name: str, what: str) -> None:
+def _check_member(name: str, is_file_or_folder: bool, what: str) -> None:
     path = PurePosixPath(name.replace("\\", "/"))
     drive = bool(path.parts) and path.parts[0].endswith(":")  # C: in a zip made on Windows
     if path.is_absolute() or ".." in path.parts or drive:
         raise UserInputError(f"{what}: refusing archive member with unsafe path {name!r}")
+    if not is_file_or_folder:
+        raise UserInputError(
+            f"{what}: refusing archive member {name!r}: only files and folders are allowed"
+        )
 
 
 def _check_total(total: int, max_bytes: int, what: str) -> None:
