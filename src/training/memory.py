@@ -63,6 +63,7 @@ class ModelShape:
     layers: int
     vocab: int
     parameters: int  # of the base model
+    lora_parameters_per_rank: int  # of an adapter on every linear layer (modeling)
     context_window: int = 4096
 
     @classmethod
@@ -75,7 +76,8 @@ class ModelShape:
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
         parameters = layers * per_layer + embeddings + hidden
         context = config.get("max_position_embeddings", 4096)
-        return cls(hidden, mlp, layers, vocab, parameters, context)
+        per_rank = lora_parameters(config, rank=1)
+        return cls(hidden, mlp, layers, vocab, parameters, per_rank, context)
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,7 @@ class MemoryModel:
 
     @property
     def lora_parameters(self) -> int:
-        shape = self.shape
-        return lora_parameters(
-            {"hidden_size": shape.hidden, "intermediate_size": shape.mlp,
-             "num_hidden_layers": shape.layers, "num_attention_heads": 1},
-            self.lora_rank,
-        )  # fmt: skip
+        return self.shape.lora_parameters_per_rank * self.lora_rank
 
     @property
     def trainable_state(self) -> int:

@@ -33,7 +33,7 @@ from src.modeling import (
 )
 from src.prompt_format import FORMAT_NAME, render_user_turn
 from src.seeds import derive_seed
-from src.training.batching import PackingStats, build_rows, longest_segment
+from src.training.batching import PackingStats, Row, build_rows, longest_segment
 from src.training.config import TrainConfig
 from src.training.data import (
     Example,
@@ -62,13 +62,11 @@ def run_training(config: TrainConfig) -> Path:
     check_adapter_size(config, read_model_config(base.path))
     tokenizer = load_tokenizer(base.path)
     data = prepare_examples(config, tokenizer, context_window(base.path))
-    rows, _ = build_rows(
-        data.train, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
-    )
-    processes = data_parallel_processes(rows_per_step=min(config.train_batch_size, len(rows)))
+    packed = pack(config, data)
+    processes = data_parallel_processes(rows_per_step=min(config.train_batch_size, len(packed[0])))
     if processes > 1:
         return launch_workers(config, data, processes)
-    archive = train_and_save(config, base, tokenizer, data, World(), clock)
+    archive = train_and_save(config, base, tokenizer, data, World(), clock, packed)
     assert archive is not None  # a single process is rank 0
     return archive
 
@@ -80,11 +78,11 @@ def train_and_save(
     data: TrainingData,
     world: World,
     clock: Stopwatch,
+    packed: tuple[list[Row], PackingStats] | None = None,
 ) -> Path | None:
-    """Pack, load the base, add LoRA, train; rank 0 returns the weights archive."""
-    train_rows, stats = build_rows(
-        data.train, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
-    )
+    """Pack (unless `packed` already is), load the base, add LoRA, train; rank 0 returns the
+    weights archive."""
+    train_rows, stats = packed or pack(config, data)
     log_packing(config, stats)
     validation_rows, _ = build_rows(data.validation, pack=False, wrap=False, chunk_size=0)
     placement = pick_placement()
@@ -132,6 +130,12 @@ def train_and_save(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def pack(config: TrainConfig, data: TrainingData) -> tuple[list[Row], PackingStats]:
+    return build_rows(
+        data.train, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
+    )
 
 
 def check_adapter_size(config: TrainConfig, model_config: dict) -> None:
