@@ -8,8 +8,9 @@ import resource
 import time
 from pathlib import Path
 
-from src.prompt_format import IGNORE_INDEX, TokenizedExample
-from src.training.data import Example
+import numpy as np
+
+from src.training.examples import Examples, count_targets
 
 MIN_TOKENS, MAX_TOKENS = 20, 2000
 MEDIAN_TOKENS, SIGMA = 250, 0.9  # log-normal: most rows short, a long tail to 2,000
@@ -25,15 +26,17 @@ def mixed_lengths(
     return [min(longest, MAX_TOKENS, max(MIN_TOKENS, n)) for n in lengths]
 
 
-def synthetic_examples(lengths: list[int], seed: int = 0) -> list[Example]:
-    """Text rows of random tokens (BOS first, EOS last), every token trained, as {"text": ...}."""
-    rng = random.Random(seed)
-    examples = []
-    for number, length in enumerate(lengths, start=1):
-        ids = [1, *(rng.randrange(3, 32000) for _ in range(length - 2)), 2]
-        tokens = TokenizedExample(ids, [IGNORE_INDEX, *ids[1:]])
-        examples.append(Example(f"row {number}", tokens))
-    return examples
+def synthetic_examples(lengths: list[int], seed: int = 0) -> Examples:
+    """Text rows of random tokens (BOS first, EOS last), every token trained but the BOS, as
+    {"text": ...} rows are."""
+    sizes = np.array(lengths, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids = np.random.default_rng(seed).integers(3, 32000, int(offsets[-1]), dtype=np.int32)
+    ids[offsets[:-1]], ids[offsets[1:] - 1] = 1, 2
+    trained = np.ones(len(ids), bool)
+    trained[offsets[:-1]] = False
+    lines = np.arange(1, len(sizes) + 1, dtype=np.int64)
+    return Examples("train_data", ids, trained, offsets, lines, count_targets(trained, sizes))
 
 
 def peak_matmul_gflops(size: int = 2048, repeats: int = 5) -> float:

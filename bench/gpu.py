@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -224,21 +225,22 @@ def _attention_grads(path, inputs, grad_out, dtype) -> list[torch.Tensor]:
     return [t.grad.float() for t in leaves]
 
 
-def training_cases() -> dict[str, list]:
+def training_cases() -> dict[str, tuple]:
     """Rows of one micro-batch per case: the documented defaults packed and not, a long row."""
     from bench.common import mixed_lengths, synthetic_examples
-    from src.training.batching import Row, Segment, build_rows
+    from src.training.batching import build_rows
 
     chunk = 2048 // SCALE
     examples = synthetic_examples(mixed_lengths(400, longest=chunk))
     packed, _ = build_rows(examples, pack=True, wrap=False, chunk_size=chunk)
 
-    def rows_of(lengths: list[int]) -> list:
+    def rows_of(lengths: list[int]) -> tuple:
         examples = synthetic_examples([n // SCALE for n in lengths], seed=len(lengths))
-        return [Row((Segment.of(e.tokens),)) for e in examples]
+        rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=0)
+        return rows, np.arange(len(rows))
 
     return {
-        "packed 4 x 2048": sorted(packed, key=len, reverse=True)[:4],
+        "packed 4 x 2048": (packed, np.argsort(-packed.lengths, kind="stable")[:4]),
         "unpacked 4 rows up to 4096": rows_of([4096, 3072, 2048, 1024]),
         "long row 4096": rows_of([4096]),
     }
@@ -248,7 +250,12 @@ def llama_7b_config() -> dict:
     return {"vocab_size": 32000, "num_key_value_heads": SHAPE["num_attention_heads"], **SHAPE}
 
 
-def measure_training(model, rows: list, plan, steps: int = 2) -> dict:
+def longest_segment(case: tuple) -> int:
+    rows, ids = case
+    return int(rows.segment_lengths[rows.segments(ids)].max())
+
+
+def measure_training(model, case: tuple, plan, steps: int = 2) -> dict:
     """Optimizer steps on one micro-batch as the loop runs it: passes as planned, AdamW."""
     from src.training.batching import collate, forward_groups
     from src.training.loop import accumulate_gradients
@@ -256,7 +263,8 @@ def measure_training(model, rows: list, plan, steps: int = 2) -> dict:
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
-    batches = [collate(group) for group in forward_groups(rows, plan.tokens)]
+    rows, ids = case
+    batches = [collate(rows, group) for group in forward_groups(rows, ids, plan.tokens)]
     targets = sum(b.num_targets for b in batches)
     reset_peak()
     timings = []
@@ -296,7 +304,6 @@ def section_training(peaks: dict) -> dict:
     """LoRA and QLoRA through the loop, planned for an A40's 44 GiB and for the whole card."""
     from src.attention import NAME
     from src.modeling import add_lora
-    from src.training.batching import longest_segment
     from src.training.memory import GIB, MemoryModel, ModelShape, plan_forwards
 
     cases = training_cases()
@@ -315,7 +322,7 @@ def section_training(peaks: dict) -> dict:
             budgets = {"A40 (44 GiB)": 3 * GIB, "whole card": card}
         print(f"{method}: model ready, {gib(memory_allocated()):.1f} GiB allocated", flush=True)
         for budget_name, budget in budgets.items():
-            for case, rows in cases.items():
+            for case, rows in cases.items():  # rows: (Rows, the row ids of one micro-batch)
                 if budget_name == "whole card" and case == "long row 4096":
                     continue
                 run = {"method": method, "budget": budget_name, "case": case}
@@ -338,15 +345,15 @@ def section_training(peaks: dict) -> dict:
     return {"training": runs}
 
 
-def _qlora_upcast(model, rows: list, memory, peaks: dict, budget: int) -> dict:
+def _qlora_upcast(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
     """peft's prepare_model_for_kbit_training (fp32 embeddings, norms, head) against ours."""
     from peft import prepare_model_for_kbit_training
 
-    from src.training.batching import collate, longest_segment
+    from src.training.batching import collate
     from src.training.loop import supervised_loss_sum
     from src.training.memory import plan_forwards
 
-    batch = collate(rows)
+    batch = collate(rows[0], rows[0].segments(rows[1]))
     with torch.no_grad():
         ours = supervised_loss_sum(model.eval(), batch, DEVICE).item() / batch.num_targets
         prepare_model_for_kbit_training(model.get_base_model(), use_gradient_checkpointing=False)

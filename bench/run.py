@@ -9,6 +9,7 @@ stays in one process). Writes results.json and results.md into --out.
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ FULL = {
     "train_model": "100m",
     "train_rows": 48,
     "chunk_size": 2048,
-    "pipeline_rows": 100_000,
+    "pipeline_rows": 1_000_000,
     "inference_models": ("tiny", "100m"),
     "new_tokens": 64,
 }
@@ -57,11 +58,11 @@ def run(smoke: bool, out: Path) -> dict:
         for stack in training.STACKS
     ]  # fmt: skip
     add_ratios_and_mfu(results, model_config(train_dir))
+    # The data stage isolates its own runs (each in a fresh process) unless this is a smoke run.
     results["pipeline"] = [
-        measure(pipeline, ["--rows", str(sizes["pipeline_rows"]), "--median-tokens", str(median)],
-                lambda median=median: pipeline.measure(sizes["pipeline_rows"], median))
+        pipeline.measure(sizes["pipeline_rows"], median, runs=1 if smoke else 3, isolated=not smoke)
         for median in PIPELINE_MEDIANS
-    ]  # fmt: skip
+    ]
     results["inference"] = {
         size: measure(inference, [str(models[size]), "--new-tokens", str(sizes["new_tokens"])],
                       lambda size=size: inference.measure(models[size], sizes["new_tokens"]))
@@ -120,17 +121,17 @@ def markdown(results: dict) -> str:
         )
     lines += [
         "",
-        "| data pipeline (median row) | rows | tokens | rows/s | read s | tokenize s | pack s "
-        "| peak RSS (half, all) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| data stage (median row) | rows | tokens | file | stage s | tokenizer s | vs tokenizer "
+        "| vs encoding alone | rows/s | peak memory per token | on disk per token |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in results["pipeline"]:
         lines.append(
             f"| {p['median_tokens']} tokens | {p['rows']:,} | {p['tokens']:,} | "
-            f"{p['rows_per_second']:,.0f} | {p['read_seconds']:.1f} | "
-            f"{p['tokenize_seconds']:.1f} | {p['pack_seconds']:.1f} | "
-            f"{p['peak_rss_mib_at']['half'] / 1024:.1f}, "
-            f"{p['peak_rss_mib_at']['all'] / 1024:.1f} GiB |"
+            f"{p['file_bytes'] / 2**30:.2f} GiB | {p['seconds']:.1f} | "
+            f"{statistics.median(p['tokenizer_seconds']):.1f} | {p['vs_tokenizer']:.0%} | "
+            f"{p['vs_encode_only']:.0%} | {p['rows_per_second']:,.0f} | "
+            f"{p['peak_bytes_per_token']:.2f} B | {p['stored_bytes_per_token']:.2f} B |"
         )
     lines += [
         "",

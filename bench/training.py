@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.common import emit, mixed_lengths, peak_rss_mib, synthetic_examples
-from src.training.data import Example
+from src.training.examples import Examples
 
 STACKS = ("reference", "core", "core-packed")
 LORA = dict(rank=8, alpha=16, dropout=0.05)
@@ -26,7 +26,7 @@ CHUNK_SIZE = 2048
 LEARNING_RATE = 1e-4
 
 
-def run_reference(model_dir: Path, examples: list[Example]) -> tuple[list[tuple[int, float]], int]:
+def run_reference(model_dir: Path, examples: Examples) -> tuple[list[tuple[int, float]], int]:
     """transformers Trainer + peft, padded batches of 4: returns per-step (tokens, seconds)."""
     import time
 
@@ -42,7 +42,7 @@ def run_reference(model_dir: Path, examples: list[Example]) -> tuple[list[tuple[
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    rows = [{"input_ids": e.tokens.input_ids} for e in examples]
+    rows = [{"input_ids": examples.tokens(i).input_ids} for i in range(len(examples))]
     batches: list[tuple[int, int]] = []  # (real tokens, padded slots) per batch
 
     def pad_to_longest(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -86,7 +86,7 @@ def run_reference(model_dir: Path, examples: list[Example]) -> tuple[list[tuple[
     return timings, sum(slots for _, slots in batches)
 
 
-def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size: int):
+def run_core(model_dir: Path, examples: Examples, packed: bool, chunk_size: int):
     """This project's loop (src.training.loop.train_adapter), as train() runs it."""
     from src.modeling import (
         add_lora,
@@ -95,7 +95,7 @@ def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size:
         pick_placement,
         read_model_config,
     )
-    from src.training.batching import build_rows, longest_segment
+    from src.training.batching import build_rows
     from src.training.config import TrainConfig
     from src.training.distributed import World
     from src.training.loop import train_adapter
@@ -121,13 +121,15 @@ def run_core(model_dir: Path, examples: list[Example], packed: bool, chunk_size:
         quantized=False,
     )
     forwards = plan_for_device(
-        placement, read_model_config(model_dir), False, LORA["rank"], longest_segment(rows)
+        placement, read_model_config(model_dir), False, LORA["rank"], rows.longest_segment
     )
+    no_validation, _ = build_rows(examples.select(0, 0), False, False, chunk_size)
     result = train_adapter(
-        model, load_tokenizer(model_dir), rows, [], config, forwards, placement.device, World()
-    )
+        model, load_tokenizer(model_dir), rows, no_validation, config, forwards,
+        placement.device, World(),
+    )  # fmt: skip
     # Micro-batches are rows laid end to end (src/training/batching.collate): no padded slot.
-    return result.step_timings, sum(len(r) for r in rows)
+    return result.step_timings, int(rows.lengths.sum())
 
 
 def measure(stack: str, model_dir: Path, rows: int, chunk_size: int = CHUNK_SIZE) -> dict:
@@ -138,7 +140,7 @@ def measure(stack: str, model_dir: Path, rows: int, chunk_size: int = CHUNK_SIZE
     else:
         timings, slots = run_core(model_dir, examples, stack == "core-packed", chunk_size)
     timed = timings[1:]  # the first step warms up
-    real_tokens = sum(len(e) for e in examples)
+    real_tokens = examples.num_tokens
     return {
         "stack": stack,
         "steps": len(timings),
@@ -149,7 +151,7 @@ def measure(stack: str, model_dir: Path, rows: int, chunk_size: int = CHUNK_SIZE
         "real_tokens": real_tokens,
         "padding_share": 1 - real_tokens / slots,
         # causal attention: a token at position i looks at i tokens, n/2 on average
-        "mean_context": sum(len(e) ** 2 for e in examples) / real_tokens / 2,
+        "mean_context": float((examples.lengths**2).sum()) / real_tokens / 2,
         "peak_rss_mib": peak_rss_mib(),
     }
 

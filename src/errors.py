@@ -1,16 +1,49 @@
-"""The one error type for mistakes in what the user gave."""
+"""The one error type for mistakes in what the user gave, and how many of them are reported."""
+
+from collections.abc import Iterable
 
 
 class UserInputError(ValueError):
     """Bad user input. The message says what is wrong and where, and is shown to the user as is."""
 
 
-def raise_all(problems: list[str], heading: str, limit: int = 20) -> None:
+SHOWN_PROBLEMS = 20  # an error lists this many problems, then counts the rest
+
+
+class Problems:
+    """Problems found while checking input: every one counted, the first few kept to show
+    (a file of a million bad lines must not hold a million messages)."""
+
+    def __init__(self, limit: int = SHOWN_PROBLEMS) -> None:
+        self.shown: list[str] = []
+        self.count = 0
+        self.limit = limit
+
+    def append(self, problem: str) -> None:
+        self.count += 1
+        if len(self.shown) < self.limit:
+            self.shown.append(problem)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return iter(self.shown)
+
+
+def raise_all(
+    problems: Problems | Iterable[str], heading: str, limit: int = SHOWN_PROBLEMS
+) -> None:
     """Raise one UserInputError listing every problem found (the first `limit` of them)."""
-    if not problems:
+    if not isinstance(problems, Problems):
+        collected = Problems(limit)
+        for problem in problems:
+            collected.append(problem)
+        problems = collected
+    if not problems.count:
         return
-    shown = problems[:limit]
-    more = len(problems) - len(shown)
+    shown = problems.shown[:limit]
+    more = problems.count - len(shown)
     lines = [heading, *(f"  - {p}" for p in shown)]
     if more:
         lines.append(f"  ... and {more} more")

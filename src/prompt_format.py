@@ -13,7 +13,10 @@ completion and the EOS.
 
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from itertools import chain
+from typing import NamedTuple, Protocol
+
+import numpy as np
 
 from src.errors import UserInputError
 
@@ -37,7 +40,13 @@ class Tokenizer(Protocol):
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens, in one batched call.
+    """Token ids of each text, without special tokens, in one batched call."""
+    return token_ids(encode_batch(tokenizer, texts))
+
+
+def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:
+    """The tokenizer's encodings of `texts` (read their ids with `token_ids`); the Rust
+    tokenizer releases the GIL and uses every core meanwhile.
 
     User text is text: "<s>", "</s>" or "<unk>" written in it are encoded as the characters
     they are, as Meta's sentencepiece reference does, never as control tokens, so a row cannot
@@ -50,8 +59,13 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         backend.encode_special_tokens = True
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return backend.encode_batch_fast(texts, add_special_tokens=False)
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def token_ids(encoded: list) -> list[list[int]]:
+    """The ids of what `encode_batch` returned."""
+    return [e if isinstance(e, list) else e.ids for e in encoded]
 
 
 @dataclass(frozen=True)
@@ -97,41 +111,92 @@ class Dialog:
     system: str | None = None
 
 
-def encode_dialogs(tokenizer: Tokenizer, dialogs: list[Dialog]) -> list[TokenizedExample]:
-    """Dialogs as Meta's reference encodes them, in one batched tokenizer call per part.
+class Piece(NamedTuple):
+    """A stretch of text tokenized on its own, with the special tokens around it."""
 
-    Each turn is BOS, `[INST] {user} [/INST]`, then, where answered, `{answer} ` and EOS; the
-    system prompt is folded into the first user message. Labels cover the answers of the
-    trained turns and their EOS, nothing else. The parts are tokenized apart, which gives the
-    ids of tokenizing each turn whole: no vocabulary token spans the space before an answer.
+    text: str
+    bos: bool  # BOS before the text (never trained)
+    eos: bool  # EOS after it
+    trained: bool  # loss on the text's tokens and on its EOS
+
+
+def dialog_pieces(dialog: Dialog) -> list[Piece]:
+    """A dialog as Meta's reference encodes it: each turn is BOS, `[INST] {user} [/INST]`,
+    then, where answered, `{answer} ` and EOS; the system prompt is folded into the first
+    user message. Labels cover the answers of the trained turns and their EOS, nothing else.
+    The parts are tokenized apart, which gives the ids of tokenizing each turn whole: no
+    vocabulary token spans the space before an answer."""
+    pieces = []
+    for number, turn in enumerate(dialog.turns):
+        user = render_user_turn(turn.user, dialog.system if number == 0 else None)
+        pieces.append(Piece(user, bos=True, eos=False, trained=False))
+        if turn.answer is not None:
+            answer = render_completion(turn.answer)
+            pieces.append(Piece(answer, bos=False, eos=True, trained=turn.trained))
+    return pieces
+
+
+def text_pieces(text: str) -> list[Piece]:
+    """A plain text row, trained whole: BOS + text + EOS (BOS is never a label)."""
+    return [Piece(text, bos=True, eos=True, trained=True)]
+
+
+def assemble_pieces(
+    pieces: list[Piece], piece_ids: list[list[int]], bos_id: int, eos_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids (int32), trained flags (bool) and per-piece lengths of `pieces` end to end,
+    their special tokens added; `piece_ids` are the ids of each piece's text.
+
+    One vectorised pass per batch: the data stage assembles hundreds of millions of tokens.
     """
-    users = [
-        render_user_turn(turn.user, dialog.system if number == 0 else None)
-        for dialog in dialogs
-        for number, turn in enumerate(dialog.turns)
+    count = len(pieces)
+    text_lengths = np.fromiter(map(len, piece_ids), np.int64, count)
+    bos = np.fromiter((p.bos for p in pieces), bool, count)
+    eos = np.fromiter((p.eos for p in pieces), bool, count)
+    trained = np.fromiter((p.trained for p in pieces), bool, count)
+    lengths = text_lengths + bos + eos
+    starts = np.cumsum(lengths) - lengths
+    total = int(lengths.sum())
+    ids = np.empty(total, np.int32)
+    ids[starts[bos]] = bos_id
+    ids[(starts + bos + text_lengths)[eos]] = eos_id
+    texts = np.fromiter(chain.from_iterable(piece_ids), np.int32, int(text_lengths.sum()))
+    text_starts = np.cumsum(text_lengths) - text_lengths
+    ids[np.repeat(starts + bos - text_starts, text_lengths) + np.arange(len(texts))] = texts
+    labels = np.repeat(trained, lengths)
+    labels[starts[bos]] = False
+    return ids, labels, lengths
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: list[Piece]) -> list[TokenizedExample]:
+    """Each piece's tokens and labels, special tokens added (for one example, join them)."""
+    ids, trained, lengths = assemble_pieces(
+        pieces,
+        encode_texts(tokenizer, [p.text for p in pieces]),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    labels = np.where(trained, ids, IGNORE_INDEX)
+    bounds = np.cumsum(lengths)[:-1]
+    return [
+        TokenizedExample(piece.tolist(), piece_labels.tolist())
+        for piece, piece_labels in zip(np.split(ids, bounds), np.split(labels, bounds), strict=True)
     ]
-    answers = [
-        render_completion(turn.answer)
-        for dialog in dialogs
-        for turn in dialog.turns
-        if turn.answer is not None
-    ]
-    user_ids = iter(encode_texts(tokenizer, users))
-    answer_ids = iter(encode_texts(tokenizer, answers))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id  # one attribute lookup each
+
+
+def encode_dialogs(tokenizer: Tokenizer, dialogs: list[Dialog]) -> list[TokenizedExample]:
+    """Dialogs as `dialog_pieces` defines them, in one batched tokenizer call."""
+    pieces = [dialog_pieces(d) for d in dialogs]
+    encoded = iter(encode_pieces(tokenizer, [p for each in pieces for p in each]))
     examples = []
-    for dialog in dialogs:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for turn in dialog.turns:
-            prompt = [bos, *next(user_ids)]
-            input_ids += prompt
-            labels += [IGNORE_INDEX] * len(prompt)
-            if turn.answer is not None:
-                answer = [*next(answer_ids), eos]
-                input_ids += answer
-                labels += answer if turn.trained else [IGNORE_INDEX] * len(answer)
-        examples.append(TokenizedExample(input_ids, labels))
+    for each in pieces:
+        parts = [next(encoded) for _ in each]
+        examples.append(
+            TokenizedExample(
+                [i for part in parts for i in part.input_ids],
+                [label for part in parts for label in part.labels],
+            )
+        )
     return examples
 
 
@@ -159,12 +224,7 @@ def encode_chat_examples(
 
 def encode_text_examples(tokenizer: Tokenizer, texts: list[str]) -> list[TokenizedExample]:
     """Plain text rows, trained whole: BOS + text + EOS."""
-    examples = []
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    for ids in encode_texts(tokenizer, texts):
-        input_ids = [bos, *ids, eos]
-        examples.append(TokenizedExample(input_ids, [IGNORE_INDEX, *input_ids[1:]]))
-    return examples
+    return encode_pieces(tokenizer, [piece for text in texts for piece in text_pieces(text)])
 
 
 def is_preformatted(prompt: str) -> bool:

@@ -162,3 +162,27 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
             lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers),
             timeout=30,
         )
+
+
+def test_a_file_too_big_for_the_machine_fails_early_and_the_server_trains_the_next(
+    tiny_model_dir, tmp_path
+):
+    """The data stage refuses, before reading it, a file whose estimated needs exceed what the
+    machine has (here host memory held to 10 MiB): a clear error, not a killed worker."""
+    row = {"prompt": "Zorbia " * 70, "completion": "teal " * 70}
+    big = write_jsonl(tmp_path / "big.jsonl", [row] * 1500)  # 1.6 MB, over the 1 MiB sample
+    small = write_jsonl(
+        tmp_path / "small.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS]
+    )
+    env = {"BASE_MODEL": str(tiny_model_dir), "TRAIN_HOST_MEMORY_GIB": "0.01"}
+    with cog_server(PROJECT, "train", env) as server:
+        assert server.status == "READY", server.log_tail()
+        _, result = server.post("/trainings", {"input": {"train_data": str(big)}}, timeout=120)
+        assert result["status"] == "failed"
+        assert "train_data (big.jsonl) is too big for this machine" in result["error"]
+        assert "of memory is available" in result["error"] and "Traceback" not in result["error"]
+        assert "loaded" not in result["logs"]  # refused before any model was loaded
+        assert server.wait_ready() == "READY"
+        body = {"input": {"train_data": str(small), "num_train_epochs": 1, "run_validation": False}}
+        _, result = server.post("/trainings", body, timeout=300)
+        assert result["status"] == "succeeded", result.get("error")

@@ -10,43 +10,68 @@ is left), split into micro-batches of at most `micro_batch_size` rows.
 """
 
 import bisect
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 
-from src.prompt_format import IGNORE_INDEX, TokenizedExample
+from src.prompt_format import IGNORE_INDEX
 from src.seeds import derive_seed
-from src.training.data import Example
+from src.training.examples import Examples
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Tokens that attend to each other: an example, or a fragment of one in wrap mode."""
+class Rows:
+    """Training rows over tokenized examples, as arrays (a million rows are a few arrays, not
+    a million objects). Segment s is tokens begins[s]:ends[s] of the examples' token arrays,
+    inside an example that ends at limits[s]: a fragment that stops short of its example's end
+    is trained on the token after it too. Row r is segments offsets[r]:offsets[r + 1]."""
 
-    input_ids: list[int]
-    labels: list[int]
-    next_label: int = IGNORE_INDEX  # the label of the token after a fragment, in the next row
-
-    @classmethod
-    def of(cls, example: TokenizedExample) -> "Segment":
-        return cls(example.input_ids, example.labels)
-
-
-@dataclass(frozen=True)
-class Row:
-    segments: tuple[Segment, ...]
+    examples: Examples
+    begins: np.ndarray
+    ends: np.ndarray
+    limits: np.ndarray
+    offsets: np.ndarray
+    segment_targets: np.ndarray  # supervised positions of each segment
 
     def __len__(self) -> int:
-        return sum(len(s.input_ids) for s in self.segments)
+        return len(self.offsets) - 1
+
+    @cached_property
+    def segment_lengths(self) -> np.ndarray:
+        return self.ends - self.begins
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return _per_row(self.segment_lengths, self.offsets)
+
+    @cached_property
+    def num_targets(self) -> np.ndarray:
+        return _per_row(self.segment_targets, self.offsets)
+
+    def segments(self, rows: np.ndarray) -> np.ndarray:
+        """The segments of `rows`, row after row."""
+        if not len(rows):
+            return np.zeros(0, np.int64)
+        starts, stops = self.offsets[rows], self.offsets[rows + 1]
+        counts = stops - starts
+        return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
 
     @property
-    def num_targets(self) -> int:
-        """Supervised positions: every label but a segment's first, plus carried ones."""
-        return sum(
-            sum(label != IGNORE_INDEX for label in s.labels[1:]) + (s.next_label != IGNORE_INDEX)
-            for s in self.segments
-        )
+    def longest_segment(self) -> int:
+        """Tokens of the longest segment: what one forward pass must hold at least."""
+        return int(self.segment_lengths.max(initial=0))
+
+
+def _per_row(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    totals = np.zeros(len(offsets) - 1, np.int64)
+    filled = offsets[1:] > offsets[:-1]
+    if filled.any():
+        totals[filled] = np.add.reduceat(values, offsets[:-1][filled], dtype=np.int64)
+    return totals
 
 
 @dataclass(frozen=True)
@@ -71,66 +96,99 @@ class MicroBatch:
 
 
 def build_rows(
-    examples: list[Example], pack: bool, wrap: bool, chunk_size: int
-) -> tuple[list[Row], PackingStats]:
+    examples: Examples, pack: bool, wrap: bool, chunk_size: int
+) -> tuple[Rows, PackingStats]:
     """Rows for training: one per example, packed best-fit-decreasing, or wrapped.
 
     Packing without wrap takes examples of at most `chunk_size` tokens (longer ones are a
     user error, raised with their lines by src.training.data.check_lengths before this runs).
     """
-    segments = [Segment.of(e.tokens) for e in examples]
-    real = sum(len(s.input_ids) for s in segments)
+    real = examples.num_tokens
+    starts, stops = examples.offsets[:-1], examples.offsets[1:]
+    targets = examples.num_supervised
     if not pack:
-        return [Row((s,)) for s in segments], PackingStats(len(segments), real, real)
+        rows = Rows(examples, starts, stops, stops, np.arange(len(examples) + 1), targets)
+        return rows, PackingStats(len(rows), real, real)
     if wrap:
-        rows = _wrap(segments, chunk_size)
+        rows = _wrap(examples, chunk_size)
         return rows, PackingStats(len(rows), real, len(rows) * chunk_size)
-    longest = max((len(s.input_ids) for s in segments), default=0)
+    longest = int(examples.lengths.max(initial=0))
     if longest > chunk_size:
         raise ValueError(f"an example of {longest} tokens does not fit chunk_size {chunk_size}")
-    rows = _best_fit_decreasing(segments, chunk_size)
+    order, offsets = _best_fit_decreasing(examples.lengths, chunk_size)
+    rows = Rows(examples, starts[order], stops[order], stops[order], offsets, targets[order])
     return rows, PackingStats(len(rows), real, len(rows) * chunk_size)
 
 
-def _best_fit_decreasing(segments: list[Segment], capacity: int) -> list[Row]:
-    """Longest first, each into the fullest row that still has room: nothing is dropped."""
-    bins: list[list[Segment]] = []
-    free: list[tuple[int, int]] = []  # sorted (room left, bin index)
-    for segment in sorted(segments, key=lambda s: len(s.input_ids), reverse=True):
-        size = len(segment.input_ids)
-        at = bisect.bisect_left(free, (size, -1))
-        if at == len(free):
-            bins.append([segment])
-            bisect.insort(free, (capacity - size, len(bins) - 1))
-            continue
-        room, index = free.pop(at)
-        bins[index].append(segment)
-        bisect.insort(free, (room - size, index))
-    return [Row(tuple(b)) for b in bins]
+def _best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Longest first, each into the fullest row that still has room (the first made, among
+    equally full ones): nothing is dropped. Returns the items row by row, and row offsets.
+
+    Rows are kept in buckets by the room they have left, so each item costs a search among
+    at most `capacity` distinct rooms, not among all rows.
+    """
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # room left -> heap of the rows with that room
+    rooms: list[int] = []  # sorted rooms that some row has
+    for item in np.argsort(-sizes, kind="stable").tolist():
+        size = int(sizes[item])
+        at = bisect.bisect_left(rooms, size)
+        if at == len(rooms):
+            rows.append([item])
+            index, room = len(rows) - 1, capacity
+        else:
+            room = rooms[at]
+            index = heapq.heappop(by_room[room])
+            if not by_room[room]:
+                del by_room[room], rooms[at]
+            rows[index].append(item)
+        left = room - size
+        if left not in by_room:
+            by_room[left] = []
+            bisect.insort(rooms, left)
+        heapq.heappush(by_room[left], index)
+    items = np.fromiter((item for row in rows for item in row), np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows], dtype=np.int64)])
+    return items, offsets.astype(np.int64)
 
 
-def _wrap(segments: list[Segment], chunk_size: int) -> list[Row]:
+def _wrap(examples: Examples, chunk_size: int) -> Rows:
     """Cut the stream of all examples into rows of exactly chunk_size tokens (but the last).
 
     A fragment that continues in the next row carries the label of the token that follows
     it, so its last position is still trained: every label of every example is trained once.
     """
-    rows: list[Row] = []
-    current: list[Segment] = []
-    room = chunk_size
-    for segment in segments:
-        ids, labels = segment.input_ids, segment.labels
-        while ids:
-            take = min(room, len(ids))
-            next_label = labels[take] if take < len(ids) else IGNORE_INDEX
-            current.append(Segment(ids[:take], labels[:take], next_label))
-            ids, labels, room = ids[take:], labels[take:], room - take
-            if room == 0:
-                rows.append(Row(tuple(current)))
-                current, room = [], chunk_size
-    if current:
-        rows.append(Row(tuple(current)))
-    return rows
+    start, stop = int(examples.offsets[0]), int(examples.offsets[-1])
+    row_cuts = np.arange(start, stop, chunk_size, dtype=np.int64)
+    cuts = np.union1d(examples.offsets[:-1], row_cuts)
+    ends = np.append(cuts[1:], stop)
+    limits = examples.offsets[np.searchsorted(examples.offsets, cuts, side="right")]
+    row_of = (cuts - start) // chunk_size
+    offsets = np.searchsorted(row_of, np.arange(len(row_cuts) + 1))
+    return Rows(
+        examples,
+        cuts,
+        ends,
+        limits,
+        offsets.astype(np.int64),
+        _targets(examples, cuts, ends, limits),
+    )
+
+
+def _targets(
+    examples: Examples, begins: np.ndarray, ends: np.ndarray, limits: np.ndarray
+) -> np.ndarray:
+    """Supervised positions of fragments that tile the examples' tokens in order: every label
+    but a fragment's first, and the label after it where its example goes on."""
+    if not len(begins):
+        return np.zeros(0, np.int64)
+    trained = examples.trained
+    start = int(begins[0])
+    sums = np.add.reduceat(trained[start : int(ends[-1])], begins - start, dtype=np.int64)
+    goes_on = ends < limits
+    carried = np.zeros(len(begins), np.int64)
+    carried[goes_on] = trained[ends[goes_on]]
+    return sums - trained[begins] + carried
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
@@ -143,13 +201,13 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
 class StepPlan:
     """One optimizer step as one rank sees it."""
 
-    micro_batches: list[list[Row]]  # this rank's rows, at most micro_batch_size per batch
+    micro_batches: list[np.ndarray]  # this rank's rows, at most micro_batch_size per batch
     num_targets: int  # supervised tokens of the whole step, over all ranks
     num_tokens: int  # real tokens of the whole step, over all ranks
 
 
 def optimizer_steps(
-    rows: list[Row],
+    rows: Rows,
     order: list[int],
     batch_size: int,
     micro_batch_size: int,
@@ -162,14 +220,15 @@ def optimizer_steps(
     of the step is the same whatever the grouping, since the loss is a sum over tokens.
     """
     for start in range(0, len(order), batch_size):
-        step_rows = sorted((rows[i] for i in order[start : start + batch_size]), key=len)
+        taken = np.array(order[start : start + batch_size], np.int64)
+        step_rows = taken[np.argsort(rows.lengths[taken], kind="stable")]
         mine = step_rows[rank::world_size]
         yield StepPlan(
             micro_batches=[
                 mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)
             ],
-            num_targets=sum(r.num_targets for r in step_rows),
-            num_tokens=sum(len(r) for r in step_rows),
+            num_targets=int(rows.num_targets[step_rows].sum()),
+            num_tokens=int(rows.lengths[step_rows].sum()),
         )
 
 
@@ -177,58 +236,58 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return -(-num_rows // batch_size)
 
 
-def longest_segment(rows: list[Row]) -> int:
-    """Tokens of the longest segment: what one forward pass must hold at least."""
-    return max((len(s.input_ids) for row in rows for s in row.segments), default=0)
-
-
-def forward_groups(rows: list[Row], max_tokens: int | None) -> list[list[Row]]:
-    """Split a micro-batch at segment boundaries into groups of at most `max_tokens` tokens.
+def forward_groups(rows: Rows, row_ids: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
+    """The segments of a micro-batch's rows, split at segment boundaries into groups of at
+    most `max_tokens` tokens.
 
     Segments never attend to each other, so running them in several forward passes gives the
     same gradient. The memory plan (src/training/memory.py) sets the limit; a segment longer
     than it goes alone (and the plan checkpoints that pass).
     """
+    segments = rows.segments(np.asarray(row_ids, np.int64))
     if max_tokens is None:
-        return [rows]
-    groups: list[list[Row]] = []
-    current: list[Segment] = []
-    size = 0
-    for segment in (s for row in rows for s in row.segments):
-        if current and size + len(segment.input_ids) > max_tokens:
-            groups.append([Row(tuple(current))])
-            current, size = [], 0
-        current.append(segment)
-        size += len(segment.input_ids)
-    if current:
-        groups.append([Row(tuple(current))])
+        return [segments]
+    groups: list[np.ndarray] = []
+    first, size = 0, 0
+    for index, length in enumerate(rows.segment_lengths[segments].tolist()):
+        if index > first and size + length > max_tokens:
+            groups.append(segments[first:index])
+            first, size = index, 0
+        size += length
+    if len(segments):
+        groups.append(segments[first:])
     return groups
 
 
-def collate(rows: list[Row]) -> MicroBatch:
-    """The rows of a micro-batch laid end to end as one sequence of shape (1, N): no padding.
+def collate(rows: Rows, segments: np.ndarray) -> MicroBatch:
+    """Segments laid end to end as one sequence of shape (1, N): no padding.
 
     Position ids restart at every segment, which is all the attention needs to keep them apart
-    (src/attention.py, or FlashAttention-2's varlen kernels).
+    (src/attention.py, or FlashAttention-2's varlen kernels). Position i predicts token i + 1
+    of the same example; the last position of a segment predicts only the continuation of a
+    wrapped fragment.
     """
-    input_ids: list[int] = []
-    positions: list[int] = []
-    targets: list[int] = []
-    lengths: list[int] = []
-    for row in rows:
-        for segment in row.segments:
-            lengths.append(len(segment.input_ids))
-            input_ids += segment.input_ids
-            positions += range(len(segment.input_ids))
-            # Position i predicts token i + 1 of the same example; the last position of a
-            # segment predicts only the continuation of a wrapped fragment.
-            targets += [*segment.labels[1:], segment.next_label]
-    targets_tensor = torch.tensor([targets])
+    examples = rows.examples
+    input_ids, targets = [], []
+    for begin, end, limit in zip(
+        rows.begins[segments].tolist(),
+        rows.ends[segments].tolist(),
+        rows.limits[segments].tolist(),
+        strict=True,
+    ):
+        input_ids.append(examples.input_ids[begin:end])
+        following = examples.labels(begin + 1, min(end + 1, limit))
+        targets.append(following if end < limit else np.append(following, IGNORE_INDEX))
+    lengths = rows.segment_lengths[segments]
+    total = int(lengths.sum())
+    positions = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ids = np.concatenate(input_ids) if input_ids else np.zeros(0, np.int32)
+    target_array = np.concatenate(targets) if targets else np.zeros(0, np.int64)
     return MicroBatch(
-        input_ids=torch.tensor([input_ids]),
-        position_ids=torch.tensor([positions]),
-        targets=targets_tensor,
-        num_targets=int((targets_tensor != IGNORE_INDEX).sum()),
-        num_real_tokens=len(input_ids),
-        segment_lengths=tuple(lengths),
+        input_ids=torch.from_numpy(ids.astype(np.int64)).unsqueeze(0),
+        position_ids=torch.from_numpy(positions.astype(np.int64)).unsqueeze(0),
+        targets=torch.from_numpy(target_array.astype(np.int64)).unsqueeze(0),
+        num_targets=int((target_array != IGNORE_INDEX).sum()),
+        num_real_tokens=total,
+        segment_lengths=tuple(lengths.tolist()),
     )

@@ -1,25 +1,43 @@
-"""Reading, checking, splitting and tokenizing the user's JSONL data.
+"""Reading, checking, tokenizing and splitting the user's JSONL data, streamed at any size.
 
 Each line holds one JSON object: {"text": ...}, {"prompt": ..., "completion": ...} with an
 optional "system", or a conversation {"messages": [{"role": ..., "content": ...}, ...]}
 (OpenAI's chat fine-tuning format); the forms may be mixed in one file. Every problem is
 reported with the file and line before any model is loaded.
+
+A file is read in batches of lines: each batch is checked, tokenized and appended to the
+arrays of src/training/examples.py, then dropped, so memory does not grow with the file's
+text, and no Python object per token is ever made. Lines are numbered as bytes.splitlines
+numbers them (a lone carriage return ends a line too).
 """
 
 import json
-from dataclasses import dataclass
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.errors import UserInputError, raise_all
-from src.log import log
+import numpy as np
+
+from src.errors import Problems, UserInputError, raise_all
+from src.log import format_duration, log
 from src.prompt_format import (
     Dialog,
-    TokenizedExample,
+    Piece,
     Tokenizer,
     Turn,
-    encode_dialogs,
-    encode_text_examples,
+    assemble_pieces,
+    dialog_pieces,
+    encode_batch,
+    encode_texts,
+    text_pieces,
+    token_ids,
 )
+from src.training.examples import BYTES_PER_TOKEN, Examples, ExampleWriter
+from src.training.memory import available_host_memory
 
 TEXT_FIELDS = {"text", "prompt", "completion", "system"}
 KNOWN_FIELDS = TEXT_FIELDS | {"messages"}
@@ -28,83 +46,188 @@ MESSAGE_FIELDS = {"role", "content", "weight"}
 TOOL_KEYS = {"tool_calls", "function_call", "tool_call_id"}
 UTF8_BOM = b"\xef\xbb\xbf"  # what some editors write at the start of a UTF-8 file
 MAX_VALIDATION_SHARE = 5  # never hold out more than a fifth of the training rows
-
-
-@dataclass(frozen=True)
-class Row:
-    """One checked line of a JSONL file: a text, or a dialog (a prompt/completion row is a
-    dialog of one turn)."""
-
-    where: str  # "train_data line 17", for messages
-    text: str | None = None
-    dialog: Dialog | None = None
-
-
-@dataclass(frozen=True)
-class Example:
-    """A tokenized row, with where it came from."""
-
-    where: str
-    tokens: TokenizedExample
-
-    def __len__(self) -> int:
-        return len(self.tokens.input_ids)
+READ_BYTES = 8 * 2**20  # the file is read in pieces of this size
+BATCH_CHARACTERS = 2**20  # text per tokenizer call: enough to keep every core busy
+BATCHES_IN_FLIGHT = 2  # queued for the tokenizer, so that it never waits for this thread
+PROGRESS_EVERY_S = 15.0  # at most one progress line per this many seconds
+SAMPLE_BYTES = 2**20  # the head of a file that its size is estimated from
+MEMORY_PER_ROW = 128  # bytes held per example through training (offsets, segments, order)
+MEMORY_WORKING_SET = 256 * 2**20  # batches in flight, the tokenizer's buffers
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The tokenized examples of a run: what is trained on and what is validated on."""
+    """The tokenized examples of a run, stored in `folder`: trained on, and validated on."""
 
-    train: list[Example]
-    validation: list[Example]
+    train: Examples
+    validation: Examples
+    folder: Path
 
 
-def read_jsonl(path: Path, name: str) -> list[Row]:
-    """Read and check every line; raise one UserInputError listing every bad line."""
-    data = path.read_bytes().removeprefix(UTF8_BOM)
-    if not data.strip():
-        raise UserInputError(f"{name} ({path.name}) is empty: it needs one JSON object per line")
-    _refuse_json_array(data, name, path)
-    rows: list[Row] = []
-    problems: list[str] = []
-    bad_lines = 0
-    unknown: set[str] = set()
-    for number, raw in enumerate(data.splitlines(), start=1):
-        known = len(problems)
-        where = f"{name} line {number}"
+def prepare_file(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> Examples:
+    """Read, check and tokenize a JSONL file, writing its examples into `folder`.
+
+    A thread feeds the tokenizer batch after batch (it releases the GIL and uses every core)
+    while this one parses the next batches and assembles the tokens of the last: all the
+    Python work overlaps the tokenization. Every bad line is found and raised together at the
+    end; after the first, lines are only checked, no longer tokenized.
+    """
+    size = path.stat().st_size
+    _refuse_empty_or_array(path, name)
+    check_room(path, name, tokenizer, folder)
+    writer = ExampleWriter(folder, name)
+    reader = _Reader(name, size)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pending: deque[tuple[_Batch, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:
+        for batch in reader.batches(path):
+            if reader.problems:
+                pending.clear()
+                continue
+            texts = [p.text for p in batch.pieces]
+            pending.append((batch, tokenizer_thread.submit(encode_batch, tokenizer, texts)))
+            if len(pending) > BATCHES_IN_FLIGHT:
+                done, encoded = pending.popleft()
+                done.write(writer, token_ids(encoded.result()), bos, eos)
+        while pending and not reader.problems:
+            done, encoded = pending.popleft()
+            done.write(writer, token_ids(encoded.result()), bos, eos)
+    examples = writer.finish()
+    reader.finish(path, len(examples))
+    return examples
+
+
+@dataclass
+class _Batch:
+    """Rows read but not yet tokenized: their pieces, and where each row starts."""
+
+    pieces: list[Piece] = field(default_factory=list)
+    row_starts: list[int] = field(default_factory=list)  # index of each row's first piece
+    lines: list[int] = field(default_factory=list)
+    characters: int = 0
+
+    def add(self, line: int, row: str | Dialog) -> None:
+        pieces = text_pieces(row) if isinstance(row, str) else dialog_pieces(row)
+        self.row_starts.append(len(self.pieces))
+        self.lines.append(line)
+        self.pieces += pieces
+        self.characters += sum(len(p.text) for p in pieces)
+
+    def write(self, writer: ExampleWriter, piece_ids: list[list[int]], bos: int, eos: int) -> None:
+        ids, trained, piece_lengths = assemble_pieces(self.pieces, piece_ids, bos, eos)
+        lengths = np.add.reduceat(piece_lengths, np.array(self.row_starts))
+        writer.add(ids, trained, lengths, np.array(self.lines, np.int64))
+
+
+class _Reader:
+    """Lines to checked rows, batch by batch; the problems and unknown fields of a file."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+        self.problems = Problems()
+        self.bad_lines = 0
+        self.unknown: set[str] = set()
+        self.started = self.last_report = time.monotonic()
+
+    def batches(self, path: Path) -> Iterator[_Batch]:
+        batch = _Batch()
+        rows = consumed = 0
+        for number, raw in enumerate(_lines(path), start=1):
+            consumed += len(raw) + 1
+            row = self._row(number, raw)
+            if row is None:
+                continue
+            batch.add(number, row)
+            rows += 1
+            if batch.characters >= BATCH_CHARACTERS:
+                yield batch
+                batch = _Batch()
+                self._report(rows, consumed)
+        if batch.pieces:
+            yield batch
+
+    def _row(self, number: int, raw: bytes) -> str | Dialog | None:
+        where = f"{self.name} line {number}"
+        known = len(self.problems)
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            problems.append(f"{where}: not valid UTF-8 (byte {error.start + 1} of the line)")
-            bad_lines += 1
-            continue
+            self.problems.append(f"{where}: not valid UTF-8 (byte {error.start + 1} of the line)")
+            self.bad_lines += 1
+            return None
         if not line.strip():
-            continue  # blank lines carry no data
-        row = _parse_line(line, where, problems, unknown)
-        if row is not None:
-            rows.append(row)
-        bad_lines += len(problems) > known
-    raise_all(
-        problems, f"{name} ({path.name}) has {len(problems)} problem(s) in {bad_lines} line(s):"
-    )
-    if not rows:
-        raise UserInputError(f"{name} ({path.name}) holds no rows")
-    if unknown:
-        log(f"{name}: ignoring unknown field(s) {', '.join(sorted(unknown))}")
-    return rows
+            return None  # blank lines carry no data
+        row = _parse_line(line, where, self.problems, self.unknown)
+        self.bad_lines += len(self.problems) > known
+        return row
+
+    def _report(self, rows: int, consumed: int) -> None:
+        now = time.monotonic()
+        if now - self.last_report < PROGRESS_EVERY_S:
+            return
+        self.last_report = now
+        elapsed = now - self.started
+        share = min(1.0, consumed / self.size)
+        left = elapsed * (1 - share) / share if share else 0.0
+        log(
+            f"{self.name}: {rows:,} rows read and tokenized ({share:.0%} of the file), "
+            f"{rows / elapsed:,.0f} rows/s, about {format_duration(left)} left"
+        )
+
+    def finish(self, path: Path, rows: int) -> None:
+        raise_all(
+            self.problems,
+            f"{self.name} ({path.name}) has {len(self.problems)} problem(s) in "
+            f"{self.bad_lines} line(s):",
+        )
+        if not rows:
+            raise UserInputError(f"{self.name} ({path.name}) holds no rows")
+        if self.unknown:
+            log(f"{self.name}: ignoring unknown field(s) {', '.join(sorted(self.unknown))}")
+        if time.monotonic() - self.started >= PROGRESS_EVERY_S:
+            log(f"{self.name}: {rows:,} rows in {format_duration(time.monotonic() - self.started)}")
 
 
-def _refuse_json_array(data: bytes, name: str, path: Path) -> None:
-    """A file that is one JSON array of rows, a common mistake, gets one error that says so.
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines without their endings, as bytes.splitlines gives them for the whole
+    file (its UTF-8 byte-order mark dropped), read piece by piece."""
+    with path.open("rb") as file:
+        carry = file.read(len(UTF8_BOM)).removeprefix(UTF8_BOM)
+        while True:
+            chunk = file.read(READ_BYTES)
+            lines = (carry + chunk).splitlines(keepends=True)
+            # The last line may go on in the next piece; "\r" may be half of "\r\n".
+            goes_on = chunk and lines and not lines[-1].endswith(b"\n")
+            carry = lines.pop() if goes_on else b""
+            for line in lines:
+                yield line.removesuffix(b"\n").removesuffix(b"\r")
+            if not chunk:
+                return
 
-    Recognised without parsing the whole file (it can be gigabytes): it opens with "[" and
-    closes with "]", and is one line or its first line is not a JSON value of its own.
+
+def _refuse_empty_or_array(path: Path, name: str) -> None:
+    """An empty file, or one JSON array of rows (a common mistake), gets one error that says so.
+
+    The array is recognised without reading the whole file: it opens with "[" and closes with
+    "]", and is one line or its first line is not a JSON value of its own.
     """
-    content = data.strip()
-    if not (content.startswith(b"[") and content.endswith(b"]")):
-        return
-    first_line, newline, _ = content.partition(b"\n")
-    if newline:
+    bounds = _content_bounds(path)
+    if bounds is None:
+        raise UserInputError(f"{name} ({path.name}) is empty: it needs one JSON object per line")
+    first, last = bounds
+    with path.open("rb") as file:
+        file.seek(first)
+        opens = file.read(1) == b"["
+        file.seek(last)
+        closes = file.read(1) == b"]"
+        if not (opens and closes):
+            return
+        file.seek(first)
+        line = b""
+        while b"\n" not in line and file.tell() <= last:
+            line += file.read(READ_BYTES)
+    first_line, newline, _ = line.partition(b"\n")
+    if newline and first + len(first_line) < last:
         try:
             json.loads(first_line)
             return  # JSONL whose rows are arrays: the line-by-line checks say so
@@ -116,7 +239,66 @@ def _refuse_json_array(data: bytes, name: str, path: Path) -> None:
     )
 
 
-def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -> Row | None:
+def _content_bounds(path: Path) -> tuple[int, int] | None:
+    """Offsets of the first and the last byte that is not ASCII blank (after a byte-order
+    mark), or None if there is none; read from both ends, not whole."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        start = len(UTF8_BOM) if file.read(len(UTF8_BOM)) == UTF8_BOM else 0
+        first, position = None, start
+        file.seek(start)
+        while first is None and (chunk := file.read(READ_BYTES)):
+            stripped = chunk.lstrip()
+            if stripped:
+                first = position + len(chunk) - len(stripped)
+            position += len(chunk)
+        if first is None:
+            return None
+        end = size
+        while True:
+            begin = max(first, end - READ_BYTES)
+            file.seek(begin)
+            stripped = file.read(end - begin).rstrip()
+            if stripped:
+                return first, begin + len(stripped) - 1
+            end = begin
+
+
+def check_room(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> None:
+    """Refuse, before reading it, a file whose examples would not fit the disk under `folder`
+    or the memory left, estimated from its size and what its first megabyte holds."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        head = file.read(SAMPLE_BYTES)
+    if len(head) == size:
+        return  # small files fit
+    lines = head.splitlines(keepends=True)[:-1] or [head]  # whole lines only
+    sample = b"".join(lines)
+    sample_tokens = len(encode_texts(tokenizer, [sample.decode(errors="replace")])[0])
+    rows, tokens = size * len(lines) // len(sample), size * sample_tokens // len(sample)
+    disk = tokens * BYTES_PER_TOKEN
+    memory = rows * MEMORY_PER_ROW + MEMORY_WORKING_SET
+    free_disk = shutil.disk_usage(folder).free
+    free_memory = available_host_memory()
+    if disk <= free_disk and memory <= free_memory:
+        return
+    raise UserInputError(
+        f"{name} ({path.name}) is too big for this machine: {_size(size)}, about {rows:,} rows "
+        f"and {tokens:,} tokens (estimated from its first {len(lines):,} lines). Preparing it "
+        f"needs about {_size(disk)} of disk in {folder.parent} ({BYTES_PER_TOKEN} bytes per "
+        f"token) and {_size(memory)} of memory; {_size(free_disk)} of disk is free there and "
+        f"{_size(free_memory)} of memory is available. Split the file, or train on a machine "
+        f"with more room."
+    )
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:,.2f} GB" if count >= 1e8 else f"{count / 1e6:,.1f} MB"
+
+
+def _parse_line(
+    line: str, where: str, problems: Problems, unknown: set[str]
+) -> str | Dialog | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -140,7 +322,7 @@ def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -
         elif not record["text"].strip():
             problems.append(f'{where}: "text" is empty')
         else:
-            return Row(where, text=record["text"])
+            return record["text"]
         return None
     for key in ("prompt", "completion"):
         if key not in record:
@@ -153,12 +335,12 @@ def _parse_line(line: str, where: str, problems: list[str], unknown: set[str]) -
     if len(problems) > before:
         return None
     turn = Turn(record["prompt"], record["completion"])
-    return Row(where, dialog=Dialog((turn,), record.get("system") or None))
+    return Dialog((turn,), record.get("system") or None)
 
 
 def _conversation_row(
-    record: dict, where: str, problems: list[str], unknown: set[str]
-) -> Row | None:
+    record: dict, where: str, problems: Problems, unknown: set[str]
+) -> Dialog | None:
     """{"messages": [...]}: OpenAI's chat fine-tuning format, checked message by message."""
     before = len(problems)
     other = sorted(TEXT_FIELDS & set(record))
@@ -176,10 +358,10 @@ def _conversation_row(
     if dialog is not None and not any(turn.trained for turn in dialog.turns):
         problems.append(f"{where}: no assistant message of weight 1: nothing to train on")
         return None
-    return None if dialog is None else Row(where, dialog=dialog)
+    return dialog
 
 
-def _check_message(message: object, where: str, problems: list[str], unknown: set[str]) -> None:
+def _check_message(message: object, where: str, problems: Problems, unknown: set[str]) -> None:
     if not isinstance(message, dict):
         problems.append(f"{where}: expected an object, got {type(message).__name__}")
         return
@@ -206,7 +388,7 @@ def _check_message(message: object, where: str, problems: list[str], unknown: se
             problems.append(f'{where}: "weight" must be 0 or 1, got {weight!r}')
 
 
-def _dialog(messages: list[dict], where: str, problems: list[str]) -> Dialog | None:
+def _dialog(messages: list[dict], where: str, problems: Problems) -> Dialog | None:
     """System first if at all, then user and assistant in turn, ending with assistant."""
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     offset = 0 if system is None else 1
@@ -230,57 +412,47 @@ def _dialog(messages: list[dict], where: str, problems: list[str]) -> Dialog | N
 
 
 def split_validation(
-    train_rows: list[Row], validation_rows: list[Row] | None, num_samples: int
-) -> tuple[list[Row], list[Row]]:
+    train: Examples, validation: Examples | None, num_samples: int
+) -> tuple[Examples, Examples]:
     """The documented split: the head of validation_data, or else the tail of train_data.
 
     Held-out rows never exceed a fifth of the training file, so a small file still trains.
     """
-    if validation_rows is not None:
-        chosen = validation_rows[:num_samples]
-        log(f"validation: first {len(chosen)} of {len(validation_rows)} rows of validation_data")
-        return train_rows, chosen
-    allowed = len(train_rows) // MAX_VALIDATION_SHARE
-    held_out = min(num_samples, allowed)
+    if validation is not None:
+        chosen = validation.select(0, min(num_samples, len(validation)))
+        log(f"validation: first {len(chosen)} of {len(validation)} rows of validation_data")
+        return train, chosen
+    rows = len(train)
+    held_out = min(num_samples, rows // MAX_VALIDATION_SHARE)
     if held_out < num_samples:
         log(
-            f"validation: train_data has {len(train_rows)} rows, so {held_out} instead of "
+            f"validation: train_data has {rows} rows, so {held_out} instead of "
             f"{num_samples} are held out (at most a fifth of the rows)"
         )
     if held_out == 0:
         log("validation: no rows to hold out; validation loss is skipped")
-        return train_rows, []
+        return train, train.select(rows, rows)
     log(
         f"validation: last {held_out} rows of train_data held out, "
-        f"{len(train_rows) - held_out} left to train on"
+        f"{rows - held_out} left to train on"
     )
-    return train_rows[:-held_out], train_rows[-held_out:]
+    return train.select(0, rows - held_out), train.select(rows - held_out, rows)
 
 
-def tokenize_rows(rows: list[Row], tokenizer: Tokenizer) -> list[Example]:
-    """Tokenize in batched calls (text rows, dialogs), keeping the file order."""
-    text_rows = [r for r in rows if r.text is not None]
-    chat_rows = [r for r in rows if r.dialog is not None]
-    text_examples = encode_text_examples(tokenizer, [r.text or "" for r in text_rows])
-    chat_examples = encode_dialogs(tokenizer, [r.dialog for r in chat_rows if r.dialog])
-    by_row = {
-        id(r): e for r, e in zip(text_rows + chat_rows, text_examples + chat_examples, strict=True)
-    }
-    return [Example(r.where, by_row[id(r)]) for r in rows]
-
-
-def check_lengths(examples: list[Example], limit: int, reason: str) -> None:
+def check_lengths(examples: Examples, limit: int, reason: str) -> None:
     """Rows longer than `limit` tokens are an error naming each of them; `reason` names the
     limit and what to do, as in "longer than chunk_size 2048: raise chunk_size ..."."""
-    problems = [
-        f"{e.where}: {len(e):,} tokens, longer than {reason}" for e in examples if len(e) > limit
-    ]
+    problems = Problems()
+    for index in np.flatnonzero(examples.lengths > limit):
+        problems.append(
+            f"{examples.where(index)}: {examples.lengths[index]:,} tokens, longer than {reason}"
+        )
     raise_all(problems, f"{len(problems)} row(s) are too long:")
 
 
-def check_supervised(examples: list[Example], name: str) -> None:
+def check_supervised(examples: Examples, name: str) -> None:
     """A set with no token to train on would train (or validate) on nothing: an error."""
-    if examples and not any(e.tokens.num_supervised for e in examples):
+    if len(examples) and not examples.num_supervised.any():
         raise UserInputError(
             f"{name}: none of its {len(examples)} rows has a token to train on (the loss is "
             f"taken on completions and text rows only)"

@@ -1,8 +1,11 @@
 """Launching data-parallel training: torchrun started from train(), one worker per device.
 
-The parent hands the workers one job folder: the config as JSON and the tokenized examples
-as safetensors (the data is read and checked once, in the parent). Rank 0's output is relayed
-line by line to the parent's stdout, which Cog streams into the training's logs. A failing
+The parent hands the workers one job folder: the folder its data stage wrote the tokenized
+examples into (src/training/examples.py), with the config and which examples each set takes
+as JSON. The data is read and checked once, in the parent, and each worker maps the same
+files, so the page cache holds one copy of the tokens however many workers there are. Rank
+0's output is relayed line by line to the parent's stdout, which Cog streams into the
+training's logs. A failing
 worker writes its error and traceback into the folder, and the parent raises them. When the
 training is canceled, or the parent dies, every worker process is ended.
 """
@@ -10,24 +13,21 @@ training is canceled, or the parent dies, every worker process is ended.
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import traceback
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from src.errors import UserInputError
 from src.log import log
-from src.prompt_format import TokenizedExample
 from src.training.config import TrainConfig
-from src.training.data import Example, TrainingData
+from src.training.data import TrainingData
+from src.training.examples import Examples
 
 PROCESSES_VARIABLE = "TRAIN_PROCESSES"  # overrides the number of processes (default: GPUs)
 LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # workers end themselves when it is gone
@@ -60,7 +60,7 @@ def data_parallel_processes(rows_per_step: int) -> int:
 
 def launch_workers(config: TrainConfig, data: TrainingData, processes: int) -> Path:
     """Train in `processes` torchrun workers; return the weights archive that rank 0 wrote."""
-    job = Path(tempfile.mkdtemp(prefix="llama2-job-"))
+    job = data.folder
     write_job(job, config, data)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -81,7 +81,8 @@ def launch_workers(config: TrainConfig, data: TrainingData, processes: int) -> P
         return Path(json.loads((job / "result.json").read_text())["weights"])
     finally:
         _stop(process)
-        shutil.rmtree(job, ignore_errors=True)
+        for report in [*job.glob("error-rank*.json"), job / "result.json"]:
+            report.unlink(missing_ok=True)
 
 
 def _relay_output(process: subprocess.Popen[str]) -> None:
@@ -151,12 +152,11 @@ def write_worker_error(job: Path, rank: int, error: BaseException) -> None:
 
 
 def write_job(job: Path, config: TrainConfig, data: TrainingData) -> None:
+    """The config and the split into `job`, the folder that already holds the examples."""
     values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     (job / "config.json").write_text(json.dumps(values))
-    save_file(
-        {**_pack("train", data.train), **_pack("validation", data.validation)},
-        job / "examples.safetensors",
-    )
+    split = {"train": data.train.describe(), "validation": data.validation.describe()}
+    (job / "data.json").write_text(json.dumps(split))
 
 
 def read_job(job: Path) -> tuple[TrainConfig, TrainingData]:
@@ -164,30 +164,11 @@ def read_job(job: Path) -> tuple[TrainConfig, TrainingData]:
     for field in fields(TrainConfig):
         if field.name in ("train_data", "validation_data") and values[field.name] is not None:
             values[field.name] = Path(values[field.name])
-    tensors = load_file(job / "examples.safetensors")
-    data = TrainingData(_unpack("train", tensors), _unpack("validation", tensors))
-    return TrainConfig(**values), data
+    split = json.loads((job / "data.json").read_text())
+    train, validation = (_open(job, split[name]) for name in ("train", "validation"))
+    return TrainConfig(**values), TrainingData(train, validation, job)
 
 
-def _pack(name: str, examples: list[Example]) -> dict[str, torch.Tensor]:
-    lengths = [len(e) for e in examples]
-    return {
-        f"{name}.input_ids": torch.tensor(
-            [t for e in examples for t in e.tokens.input_ids], dtype=torch.int32
-        ),
-        f"{name}.labels": torch.tensor(
-            [t for e in examples for t in e.tokens.labels], dtype=torch.int32
-        ),
-        f"{name}.lengths": torch.tensor(lengths, dtype=torch.int64),
-    }
-
-
-def _unpack(name: str, tensors: dict[str, torch.Tensor]) -> list[Example]:
-    ids = tensors[f"{name}.input_ids"].tolist()
-    labels = tensors[f"{name}.labels"].tolist()
-    examples, start = [], 0
-    for length in tensors[f"{name}.lengths"].tolist():
-        tokens = TokenizedExample(ids[start : start + length], labels[start : start + length])
-        examples.append(Example(f"{name} example {len(examples) + 1}", tokens))
-        start += length
-    return examples
+def _open(job: Path, where: dict) -> Examples:
+    first = where["first"]
+    return Examples.open(job, where["source"]).select(first, first + where["count"])

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
@@ -22,7 +23,7 @@ from src.modeling import set_activation_checkpointing
 from src.prompt_format import IGNORE_INDEX, encode_user_prompt
 from src.training.batching import (
     MicroBatch,
-    Row,
+    Rows,
     StepPlan,
     collate,
     epoch_order,
@@ -70,8 +71,8 @@ class TrainResult:
 def train_adapter(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    train_rows: list[Row],
-    validation_rows: list[Row],
+    train_rows: Rows,
+    validation_rows: Rows,
     config: TrainConfig,
     forwards: ForwardPlan,
     device: torch.device,
@@ -93,7 +94,7 @@ def train_adapter(
         f"training: {total_steps} optimizer steps over {config.num_train_epochs} epoch(s), "
         f"{sum(p.numel() for p in parameters):,} trainable parameters"
     )
-    step = _Step(model, optimizer, scheduler, forwards, device, world)
+    step = _Step(model, train_rows, optimizer, scheduler, forwards, device, world)
     progress = _Progress(total_steps)
     result = TrainResult()
     try:
@@ -129,6 +130,7 @@ class _Step:
     """One optimizer step: forward passes as planned, gradients summed over ranks, update."""
 
     model: PeftModel
+    rows: Rows
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     forwards: ForwardPlan
@@ -145,9 +147,9 @@ class _Step:
             return
         started = time.perf_counter()
         batches = [
-            collate(group)
+            collate(self.rows, group)
             for rows in plan.micro_batches
-            for group in forward_groups(rows, self.forwards.tokens)
+            for group in forward_groups(self.rows, rows, self.forwards.tokens)
         ]
         lr = self.scheduler.get_last_lr()[0]
         loss = self._update(batches, plan.num_targets)
@@ -223,7 +225,7 @@ def supervised_loss_sum(model: PeftModel, batch: MicroBatch, device: torch.devic
 @torch.no_grad()
 def validation_loss(
     model: PeftModel,
-    rows: list[Row],
+    rows: Rows,
     batch_size: int,
     device: torch.device,
     forward_tokens: int | None = None,
@@ -233,8 +235,9 @@ def validation_loss(
     model.eval()
     loss_sum, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        for group in forward_groups(rows[start : start + batch_size], forward_tokens):
-            batch = collate(group)
+        batch_rows = np.arange(start, min(start + batch_size, len(rows)))
+        for group in forward_groups(rows, batch_rows, forward_tokens):
+            batch = collate(rows, group)
             if batch.num_targets:
                 loss_sum += supervised_loss_sum(model, batch, device).item()
                 count += batch.num_targets
@@ -267,14 +270,14 @@ def answer_prompt(
 def _end_of_epoch(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    validation_rows: list[Row],
+    validation_rows: Rows,
     config: TrainConfig,
     step: _Step,
     result: TrainResult,
     epoch: int,
 ) -> None:
     device = step.device
-    if validation_rows:
+    if len(validation_rows):
         loss = validation_loss(
             model,
             validation_rows,

@@ -21,6 +21,7 @@ figures), and on an H200 (docs/benchmarks.md): LoRA 9.4 MB per token without che
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -294,3 +295,53 @@ def out_of_memory(plan: ForwardPlan, error: BaseException) -> UserInputError:
         f"the GPU ran out of memory ({first_line}); {plan.describe()}. Set {BUDGET_VARIABLE} "
         f"below the card's memory so that the plan leaves more room, or lower lora_rank"
     )
+
+
+HOST_MEMORY_VARIABLE = "TRAIN_HOST_MEMORY_GIB"  # hold the data stage to less host memory
+
+
+def available_host_memory() -> int:
+    """Host memory this process may still use: what Linux reports available, capped by the
+    container's cgroup limit (a Cog container sees the host's memory in /proc/meminfo), or
+    by TRAIN_HOST_MEMORY_GIB."""
+    candidates = []
+    configured = os.environ.get(HOST_MEMORY_VARIABLE)
+    if configured:
+        try:
+            candidates.append(int(float(configured) * GIB))
+        except ValueError:
+            raise UserInputError(
+                f"{HOST_MEMORY_VARIABLE} must be a number of GiB, got {configured!r}"
+            ) from None
+    candidates += [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    return min(candidates) if candidates else 2**62
+
+
+def _meminfo_available() -> int | None:
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """The cgroup's memory limit minus its usage (cgroup v2, then v1), None without a limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            return int(limit) - usage
+    return None

@@ -3,6 +3,7 @@
 import gc
 import json
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,17 @@ from src.modeling import (
 )
 from src.prompt_format import FORMAT_NAME, render_user_turn
 from src.seeds import derive_seed
-from src.training.batching import PackingStats, Row, build_rows, longest_segment
+from src.training.batching import PackingStats, Rows, build_rows
 from src.training.config import TrainConfig
 from src.training.data import (
-    Example,
     TrainingData,
     check_lengths,
     check_supervised,
-    read_jsonl,
+    prepare_file,
     split_validation,
-    tokenize_rows,
 )
 from src.training.distributed import World
+from src.training.examples import Examples
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt_tokens
 from src.training.memory import plan_for_device
@@ -61,14 +61,19 @@ def run_training(config: TrainConfig) -> Path:
     log(f"base model: {base.public_name} ({base.path})")
     check_adapter_size(config, read_model_config(base.path))
     tokenizer = load_tokenizer(base.path)
-    data = prepare_examples(config, tokenizer, context_window(base.path))
-    packed = pack(config, data)
-    processes = data_parallel_processes(rows_per_step=min(config.train_batch_size, len(packed[0])))
-    if processes > 1:
-        return launch_workers(config, data, processes)
-    archive = train_and_save(config, base, tokenizer, data, World(), clock, packed)
-    assert archive is not None  # a single process is rank 0
-    return archive
+    folder = Path(tempfile.mkdtemp(prefix="llama2-data-"))
+    try:
+        data = prepare_examples(config, tokenizer, context_window(base.path), folder)
+        packed = pack(config, data)
+        rows_per_step = min(config.train_batch_size, len(packed[0]))
+        processes = data_parallel_processes(rows_per_step)
+        if processes > 1:
+            return launch_workers(config, data, processes)
+        archive = train_and_save(config, base, tokenizer, data, World(), clock, packed)
+        assert archive is not None  # a single process is rank 0
+        return archive
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def train_and_save(
@@ -78,7 +83,7 @@ def train_and_save(
     data: TrainingData,
     world: World,
     clock: Stopwatch,
-    packed: tuple[list[Row], PackingStats] | None = None,
+    packed: tuple[Rows, PackingStats] | None = None,
 ) -> Path | None:
     """Pack (unless `packed` already is), load the base, add LoRA, train; rank 0 returns the
     weights archive."""
@@ -91,9 +96,9 @@ def train_and_save(
         read_model_config(base.path),
         config.quantize_4bit,
         config.lora_rank,
-        longest=longest_segment(train_rows),
+        longest=train_rows.longest_segment,
         longest_validation=max(
-            longest_segment(validation_rows),
+            validation_rows.longest_segment,
             validation_prompt_tokens(tokenizer, config.validation_prompt),
         ),
         processes=world.size,
@@ -132,7 +137,7 @@ def train_and_save(
             torch.cuda.empty_cache()
 
 
-def pack(config: TrainConfig, data: TrainingData) -> tuple[list[Row], PackingStats]:
+def pack(config: TrainConfig, data: TrainingData) -> tuple[Rows, PackingStats]:
     return build_rows(
         data.train, config.pack_sequences, config.wrap_packed_sequences, config.chunk_size
     )
@@ -166,58 +171,59 @@ def dropout_seed(seed: int, rank: int) -> int:
     return derive_seed(seed, "dropout", rank)
 
 
-def prepare_examples(config: TrainConfig, tokenizer: Any, max_tokens: int) -> TrainingData:
-    """Read, check, split and tokenize both files; every data error is raised here."""
-    rows = read_jsonl(config.train_data, "train_data")
+def prepare_examples(
+    config: TrainConfig, tokenizer: Any, max_tokens: int, folder: Path
+) -> TrainingData:
+    """Read, check, tokenize and split both files into `folder`; every data error is raised
+    here, before a model is loaded."""
+    train = prepare_file(config.train_data, "train_data", tokenizer, folder)
     validation_file = None
     if config.validation_data is not None:
         if config.run_validation:
-            validation_file = read_jsonl(config.validation_data, "validation_data")
+            validation_file = prepare_file(
+                config.validation_data, "validation_data", tokenizer, folder
+            )
         else:
             log("validation_data is not used: run_validation is false")
     if config.run_validation:
-        rows, validation = split_validation(rows, validation_file, config.num_validation_samples)
+        train, validation = split_validation(train, validation_file, config.num_validation_samples)
     else:
-        validation = []
+        validation = train.select(len(train), len(train))
     if config.pack_sequences and config.chunk_size > max_tokens:
         raise UserInputError(
             f"chunk_size {config.chunk_size} is larger than the model's context window of "
             f"{max_tokens} tokens"
         )
-    train_examples = tokenize_rows(rows, tokenizer)
-    validation_examples = tokenize_rows(validation, tokenizer)
     context = f"the model's context window of {max_tokens:,} tokens"
     if not config.pack_sequences:
         check_lengths(
-            train_examples,
+            train,
             max_tokens,
             f"{context}: shorten it, or set pack_sequences and wrap_packed_sequences to train "
             f"it in pieces",
         )
     elif not config.wrap_packed_sequences:
         check_lengths(
-            train_examples,
+            train,
             config.chunk_size,
             f"chunk_size {config.chunk_size}: raise chunk_size (up to the model's "
             f"{max_tokens:,}) or set wrap_packed_sequences",
         )
-    check_lengths(validation_examples, max_tokens, context)
-    check_supervised(train_examples, "train_data")
-    check_supervised(validation_examples, "the validation rows")
-    _log_counts("train", train_examples)
-    _log_counts("validation", validation_examples)
-    return TrainingData(train_examples, validation_examples)
+    check_lengths(validation, max_tokens, context)
+    check_supervised(train, "train_data")
+    check_supervised(validation, "the validation rows")
+    _log_counts("train", train)
+    _log_counts("validation", validation)
+    return TrainingData(train, validation, folder)
 
 
-def _log_counts(name: str, examples: list[Example]) -> None:
-    if not examples:
+def _log_counts(name: str, examples: Examples) -> None:
+    if not len(examples):
         return
-    tokens = sum(len(e) for e in examples)
-    targets = sum(e.tokens.num_supervised for e in examples)
-    longest = max(len(e) for e in examples)
     log(
-        f"{name}: {len(examples)} rows, {tokens:,} tokens ({targets:,} trained on), "
-        f"longest {longest}"
+        f"{name}: {len(examples)} rows, {examples.num_tokens:,} tokens "
+        f"({int(examples.num_supervised.sum()):,} trained on), "
+        f"longest {int(examples.lengths.max())}"
     )
 
 

@@ -2,35 +2,49 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from src.errors import UserInputError
-from src.prompt_format import Dialog, Turn
-from src.training.data import Row, check_lengths, read_jsonl, split_validation, tokenize_rows
-from tests.helpers import write_jsonl
+from src.prompt_format import Dialog, Turn, encode_dialogs, encode_text_examples
+from src.training.data import check_lengths, check_supervised, prepare_file, split_validation
+from src.training.examples import Examples
 
 
-def read(tmp_path, content: bytes | str) -> list[Row]:
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return read_jsonl(path, "train_data")
+@pytest.fixture
+def read(tmp_path, tokenizer):
+    """Prepare a file of `content` as train() does: its examples, or its UserInputError."""
+
+    def prepare(content: bytes | str) -> Examples:
+        path = tmp_path / "data.jsonl"
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        folder = tmp_path / "prepared"
+        folder.mkdir(exist_ok=True)
+        return prepare_file(path, "train_data", tokenizer, folder)
+
+    return prepare
 
 
-def test_mixed_formats_blank_lines_and_system(tmp_path):
-    rows = read(tmp_path, '{"text": "a"}\n\n{"prompt": "p", "completion": "c", "system": "s"}\n')
-    assert rows == [
-        Row("train_data line 1", text="a"),
-        Row("train_data line 3", dialog=Dialog((Turn("p", "c"),), "s")),
-    ]
+def all_tokens(examples: Examples):
+    return [examples.tokens(i) for i in range(len(examples))]
 
 
-def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
-    rows = read(tmp_path, b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
-    assert rows == [Row("train_data line 1", text="a"), Row("train_data line 2", text="b")]
+def test_mixed_formats_blank_lines_and_system(read, tokenizer):
+    rows = read('{"text": "a"}\n\n{"prompt": "p", "completion": "c", "system": "s"}\n')
+    chat = encode_dialogs(tokenizer, [Dialog((Turn("p", "c"),), "s")])
+    assert all_tokens(rows) == [*encode_text_examples(tokenizer, ["a"]), *chat]
+    assert [rows.where(i) for i in range(2)] == ["train_data line 1", "train_data line 3"]
 
 
-def test_unknown_fields_are_ignored_with_one_notice(tmp_path, capsys):
-    read(tmp_path, '{"text": "a", "id": 1}\n{"text": "b", "id": 2, "lang": "en"}\n')
+def test_a_utf8_byte_order_mark_is_accepted(read, tokenizer):
+    rows = read(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert all_tokens(rows) == encode_text_examples(
+        tokenizer, ["a", "b"]
+    ) and rows.lines.tolist() == [1, 2]
+
+
+def test_unknown_fields_are_ignored_with_one_notice(read, capsys):
+    read('{"text": "a", "id": 1}\n{"text": "b", "id": 2, "lang": "en"}\n')
     out = capsys.readouterr().out
     assert out.count("ignoring unknown field(s) id, lang") == 1
 
@@ -60,61 +74,66 @@ def test_unknown_fields_are_ignored_with_one_notice(tmp_path, capsys):
         ("\n  \n", "train_data (data.jsonl) is empty"),
     ],
 )
-def test_bad_input_names_the_line(tmp_path, content, message):
+def test_bad_input_names_the_line(read, content, message):
     with pytest.raises(UserInputError) as error:
-        read(tmp_path, content)
+        read(content)
     assert message in str(error.value)
 
 
-def test_every_bad_line_is_reported_together(tmp_path):
+def test_every_bad_line_is_reported_together(read):
     lines = ['{"text": "ok"}'] * 16 + ['{"prompt": "p"}', "not json", '{"text": "ok"}']
     with pytest.raises(UserInputError) as error:
-        read(tmp_path, "\n".join(lines))
+        read("\n".join(lines))
     message = str(error.value)
     assert "2 problem(s) in 2 line(s)" in message
     assert 'line 17: missing "completion"' in message and "line 18: not valid JSON" in message
 
 
-def rows(n: int) -> list[Row]:
-    return [Row(f"line {i + 1}", text=str(i)) for i in range(n)]
+def numbered(n: int) -> Examples:
+    """n examples of 3 tokens; example i holds token i + 10 (so a split can be checked)."""
+    ids = np.repeat(np.arange(n, dtype=np.int32) + 10, 3)
+    offsets = np.arange(0, 3 * n + 1, 3, dtype=np.int64)
+    lines = np.arange(1, n + 1, dtype=np.int64)
+    return Examples("train_data", ids, np.ones(3 * n, bool), offsets, lines, np.full(n, 2))
+
+
+def firsts(examples: Examples) -> list[int]:
+    return [int(examples.input_ids[o]) - 10 for o in examples.offsets[:-1]]
 
 
 def test_validation_is_the_tail_of_train_data():
-    train, validation = split_validation(rows(300), None, 50)
-    assert train == rows(250) and validation == rows(300)[250:]
+    train, validation = split_validation(numbered(300), None, 50)
+    assert firsts(train) == list(range(250)) and firsts(validation) == list(range(250, 300))
+    assert validation.where(0) == "train_data line 251"
 
 
 def test_validation_never_takes_more_than_a_fifth(capsys):
-    train, validation = split_validation(rows(20), None, 50)
+    train, validation = split_validation(numbered(20), None, 50)
     assert (len(train), len(validation)) == (16, 4)
     assert "4 instead of 50 are held out" in capsys.readouterr().out
 
 
 def test_tiny_file_trains_without_validation(capsys):
-    train, validation = split_validation(rows(3), None, 50)
+    train, validation = split_validation(numbered(3), None, 50)
     assert (len(train), len(validation)) == (3, 0)
     assert "validation loss is skipped" in capsys.readouterr().out
 
 
 def test_validation_data_head_is_used():
-    train, validation = split_validation(rows(10), rows(80), 50)
-    assert train == rows(10) and validation == rows(80)[:50]
-    assert split_validation(rows(10), rows(5), 50)[1] == rows(5)
+    train, validation = split_validation(numbered(10), numbered(80), 50)
+    assert firsts(train) == list(range(10)) and firsts(validation) == list(range(50))
+    assert firsts(split_validation(numbered(10), numbered(5), 50)[1]) == list(range(5))
 
 
-def test_tokenize_keeps_file_order_and_origin(tokenizer, tmp_path):
-    path = write_jsonl(
-        tmp_path / "d.jsonl",
-        [{"prompt": "p", "completion": "c"}, {"text": "t"}, {"prompt": "q", "completion": "d"}],
-    )
-    examples = tokenize_rows(read_jsonl(path, "train_data"), tokenizer)
-    assert [e.where for e in examples] == [f"train_data line {i}" for i in (1, 2, 3)]
-    assert tokenizer.decode(examples[1].tokens.input_ids) == "<s> t</s>"
+def test_tokenize_keeps_file_order_and_origin(read, tokenizer):
+    rows = [{"prompt": "p", "completion": "c"}, {"text": "t"}, {"prompt": "q", "completion": "d"}]
+    examples = read("".join(json.dumps(r) + "\n" for r in rows))
+    assert [examples.where(i) for i in range(3)] == [f"train_data line {i}" for i in (1, 2, 3)]
+    assert tokenizer.decode(examples.tokens(1).input_ids) == "<s> t</s>"
 
 
-def test_rows_longer_than_the_context_are_named(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "short"}, {"text": "word " * 100}])
-    examples = tokenize_rows(read_jsonl(path, "train_data"), tokenizer)
+def test_rows_longer_than_the_context_are_named(read):
+    examples = read(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "word " * 100}))
     with pytest.raises(
         UserInputError,
         match=r"train_data line 2: 103 tokens, longer than the "
@@ -125,13 +144,12 @@ def test_rows_longer_than_the_context_are_named(tokenizer, tmp_path):
 
 def test_a_set_with_nothing_to_train_on_is_refused():
     from src.prompt_format import IGNORE_INDEX, TokenizedExample
-    from src.training.data import Example, check_supervised
 
-    prompt_only = Example("line 1", TokenizedExample([1, 5, 6], [IGNORE_INDEX] * 3))
+    prompt_only = TokenizedExample([1, 5, 6], [IGNORE_INDEX] * 3)
     with pytest.raises(UserInputError, match="validation: none of its 1 rows has a token"):
-        check_supervised([prompt_only], "validation")
-    trained = Example("line 2", TokenizedExample([1, 5, 6], [IGNORE_INDEX, 5, 6]))
-    check_supervised([prompt_only, trained], "validation")
+        check_supervised(Examples.from_tokenized([prompt_only]), "validation")
+    trained = TokenizedExample([1, 5, 6], [IGNORE_INDEX, 5, 6])
+    check_supervised(Examples.from_tokenized([prompt_only, trained]), "validation")
 
 
 def conversation(*messages: tuple) -> str:
@@ -140,9 +158,8 @@ def conversation(*messages: tuple) -> str:
     return json.dumps({"messages": rows})
 
 
-def test_conversations_mixed_with_the_other_forms(tmp_path):
+def test_conversations_mixed_with_the_other_forms(read, tokenizer):
     rows = read(
-        tmp_path,
         '{"text": "a"}\n'
         + conversation(
             ("system", "Be brief."),
@@ -155,16 +172,17 @@ def test_conversations_mixed_with_the_other_forms(tmp_path):
         )
         + "\n",
     )
-    assert rows[1] == Row(
-        "train_data line 2",
-        dialog=Dialog(
-            (Turn("Hi", "Hello"), Turn("Name?", "Zorb", trained=False), Turn("Again?", "Zorb.")),
-            "Be brief.",
-        ),
+    expected = Dialog(
+        (Turn("Hi", "Hello"), Turn("Name?", "Zorb", trained=False), Turn("Again?", "Zorb.")),
+        "Be brief.",
+    )
+    assert (
+        rows.tokens(1) == encode_dialogs(tokenizer, [expected])[0]
+        and rows.where(1) == "train_data line 2"
     )
 
 
-def test_every_bad_conversation_is_named_at_once(tmp_path):
+def test_every_bad_conversation_is_named_at_once(read):
     bad = [
         conversation(("user", "a"), ("tool", "b")),
         conversation(("user", "a"), ("assistant", "b", {"tool_calls": []})),
@@ -184,7 +202,7 @@ def test_every_bad_conversation_is_named_at_once(tmp_path):
         conversation(("user", "a"), ("assistant", "b", {"weight": True})),
     ]
     with pytest.raises(UserInputError) as error:
-        read(tmp_path, "\n".join(bad) + "\n")
+        read("\n".join(bad) + "\n")
     message = str(error.value)
     for expected in [
         'line 1 message 2: role "tool": tool calling is not supported',

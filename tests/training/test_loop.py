@@ -5,14 +5,15 @@ CPU, and on a GPU too: the varlen kernel is bf16-only, tested in tests/test_atte
 one tolerance holds everywhere: 1e-4 relative, the summation order of fp32 differing.
 """
 
+import numpy as np
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 
 from src.modeling import Placement, add_lora, load_base_model, pick_placement
 from src.prompt_format import encode_chat_examples, encode_text_examples
-from src.training.batching import Row, build_rows, collate, forward_groups, optimizer_steps
-from src.training.data import Example
+from src.training.batching import Rows, build_rows, collate, forward_groups, optimizer_steps
+from src.training.examples import Examples
 from src.training.loop import accumulate_gradients, supervised_loss_sum, validation_loss
 from tests.helpers import FACTS
 
@@ -32,10 +33,15 @@ def model(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def examples(tokenizer) -> list[Example]:
+def examples(tokenizer) -> Examples:
     chat = encode_chat_examples(tokenizer, *map(list, zip(*FACTS, strict=True)), [None] * 4)
     text = encode_text_examples(tokenizer, ["Zorbia is a small country.", "Teal is a colour."])
-    return [Example(f"line {i}", e) for i, e in enumerate(chat + text)]
+    return Examples.from_tokenized(chat + text)
+
+
+def every_row(rows: Rows):
+    """All rows as one micro-batch."""
+    return collate(rows, rows.segments(np.arange(len(rows))))
 
 
 def lora_gradients(model) -> dict[str, torch.Tensor]:
@@ -52,11 +58,10 @@ def assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
         assert error < 1e-4, f"{name}: relative difference {error:.2e}"
 
 
-def step_gradients(model, rows: list[Row], micro: int) -> tuple[float, dict[str, torch.Tensor]]:
+def step_gradients(model, rows: Rows, micro: int) -> tuple[float, dict[str, torch.Tensor]]:
     [step] = optimizer_steps(rows, list(range(len(rows))), len(rows), micro)
-    loss = accumulate_gradients(
-        model, [collate(m) for m in step.micro_batches], step.num_targets, DEVICE
-    )
+    batches = [collate(rows, rows.segments(m)) for m in step.micro_batches]
+    loss = accumulate_gradients(model, batches, step.num_targets, DEVICE)
     return loss, lora_gradients(model)
 
 
@@ -74,17 +79,18 @@ def reference(model, tiny_model_dir):
     return twin
 
 
-def reference_loss_and_gradients(reference, examples: list[Example]):
+def reference_loss_and_gradients(reference, examples: Examples):
     """Hugging Face's own loss: right-padded rows, labels -100 where no loss is taken, the mean
     over the supervised tokens of the batch."""
-    length = max(len(e) for e in examples)
+    length = int(examples.lengths.max())
     ids = torch.zeros(len(examples), length, dtype=torch.long)
     labels = torch.full((len(examples), length), -100)
     mask = torch.zeros(len(examples), length, dtype=torch.long)
-    for i, example in enumerate(examples):
-        n = len(example)
-        ids[i, :n] = torch.tensor(example.tokens.input_ids)
-        labels[i, :n] = torch.tensor(example.tokens.labels)
+    for i in range(len(examples)):
+        example = examples.tokens(i)
+        n = len(example.input_ids)
+        ids[i, :n] = torch.tensor(example.input_ids)
+        labels[i, :n] = torch.tensor(example.labels)
         mask[i, :n] = 1
     reference.train()
     ids, mask, labels = ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
@@ -101,7 +107,11 @@ def test_a_step_matches_a_plain_hugging_face_step(
     expected_loss, expected_grads = reference_loss_and_gradients(reference, examples)
     rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
     [step] = optimizer_steps(rows, list(range(len(rows))), len(rows), micro)
-    batches = [collate(g) for m in step.micro_batches for g in forward_groups(m, forward_tokens)]
+    batches = [
+        collate(rows, group)
+        for m in step.micro_batches
+        for group in forward_groups(rows, m, forward_tokens)
+    ]
     if forward_tokens:
         assert len(batches) > len(step.micro_batches)  # the groups split micro-batches
     model.train()
@@ -117,10 +127,14 @@ def test_validation_loss_is_the_token_weighted_mean(model, reference, examples):
         assert validation_loss(model, rows, batch_size, DEVICE) == pytest.approx(expected, rel=1e-5)
 
 
-def loss_and_gradients(model, rows: list[Row]) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss sum and LoRA gradients of `rows`, each row computed on its own."""
+def loss_and_gradients(model, rows: Rows, alone: bool = False):
+    """Loss sum and LoRA gradients of `rows`, each row computed on its own (or, `alone`,
+    each segment on its own)."""
     model.eval()
-    loss = sum(supervised_loss_sum(model, collate([row]), DEVICE) for row in rows)
+    groups = [rows.segments(np.array([row])) for row in range(len(rows))]
+    if alone:
+        groups = [group[i : i + 1] for group in groups for i in range(len(group))]
+    loss = sum(supervised_loss_sum(model, collate(rows, group), DEVICE) for group in groups)
     loss.backward()
     return loss.item(), lora_gradients(model)
 
@@ -131,8 +145,7 @@ def test_packed_examples_do_not_see_each_other(model, examples, wrap, chunk_size
     packed_rows, stats = build_rows(examples, pack=True, wrap=wrap, chunk_size=chunk_size)
     assert stats.rows == num_rows
     packed_loss, packed_grads = loss_and_gradients(model, packed_rows)
-    one_by_one = [Row((segment,)) for row in packed_rows for segment in row.segments]
-    alone_loss, alone_grads = loss_and_gradients(model, one_by_one)
+    alone_loss, alone_grads = loss_and_gradients(model, packed_rows, alone=True)
     assert packed_loss == pytest.approx(alone_loss, rel=1e-4)
     assert_same_gradients(packed_grads, alone_grads)
 
@@ -213,7 +226,9 @@ def test_passes_longer_than_the_plan_are_checkpointed_and_give_the_same_step(
     plan = ForwardPlan(tokens=20, checkpointed_tokens=4096)
     expected_loss, expected_grads = reference_loss_and_gradients(reference, examples)
     rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
-    batches = [collate(group) for group in forward_groups(rows, plan.tokens)]
+    batches = [
+        collate(rows, group) for group in forward_groups(rows, np.arange(len(rows)), plan.tokens)
+    ]
     long_passes = sum(batch.num_real_tokens > 20 for batch in batches)
     assert 0 < long_passes < len(batches)  # some passes over the limit, some under
     model.train()
@@ -232,7 +247,7 @@ def test_qlora_keeps_its_non_quantised_parts_in_bf16_within_1_percent(tiny_model
 
     bf16 = Placement(DEVICE, torch.bfloat16)
     rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=64)
-    batch = collate(rows)
+    batch = every_row(rows)
     losses, gradients = [], []
     for upcast in (False, True):
         torch.manual_seed(0)

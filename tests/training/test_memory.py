@@ -1,6 +1,7 @@
 """The GPU memory plan: its model of activation memory, measured on layers of the 7B shape,
 and its decisions for an A40 and an H100 at the defaults and the extremes of the inputs."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -8,7 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from src import attention
 from src.errors import UserInputError
 from src.modeling import add_lora
-from src.training.batching import Row, Segment, collate
+from src.prompt_format import TokenizedExample
+from src.training.batching import build_rows, collate
+from src.training.examples import Examples
 from src.training.loop import supervised_loss_sum
 from src.training.memory import (
     BUDGET_VARIABLE,
@@ -87,7 +90,10 @@ def saved_bytes(model, tokens: int) -> int:
         return tensor
 
     ids = [5 + i % (MEASURED_VOCAB - 5) for i in range(tokens)]
-    batch = collate([Row((Segment(ids, ids),))])
+    rows, _ = build_rows(
+        Examples.from_tokenized([TokenizedExample(ids, ids)]), False, False, tokens
+    )
+    batch = collate(rows, rows.segments(np.array([0])))
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         supervised_loss_sum(model, batch, torch.device("cpu"))

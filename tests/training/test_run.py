@@ -1,7 +1,9 @@
 """Whole trainings in-process on the tiny model: learning, outputs, reproducibility, errors."""
 
 import json
+import pathlib
 import tarfile
+import tempfile
 
 import bitsandbytes as bnb
 import pytest
@@ -280,7 +282,8 @@ def run_as_rank(rank: int, settings: dict, monkeypatch) -> dict:
     config = build_train_config(**{**train_defaults(), **settings})
     base = resolve_base_model()
     tokenizer = load_tokenizer(base.path)
-    data = src.training.run.prepare_examples(config, tokenizer, 4096)
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="test-rank-"))
+    data = src.training.run.prepare_examples(config, tokenizer, 4096, folder)
     world = World(rank=rank, size=1)  # size 1: no gradient sum waits for other ranks
     src.training.run.train_and_save(config, base, tokenizer, data, world, Stopwatch())
     return seen

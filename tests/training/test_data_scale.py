@@ -1,0 +1,282 @@
+"""The streaming, array-based data stage does what the list-based one did, at any size.
+
+tests/training/legacy_data.py is the data stage as it was (every token a Python int); on files
+both can read, the new one must give the same examples in the same order, the same errors
+with the same line numbers, the same packing and the same batches from the same seed. The
+files are read in tiny pieces and tokenized in tiny batches here, so that every boundary a
+large file meets (a line, or a "\r\n", cut between two reads; rows split across batches) is
+crossed many times.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src.errors import UserInputError
+from src.training import data
+from src.training.batching import build_rows, collate, epoch_order, optimizer_steps
+from src.training.examples import Examples
+from src.training.launcher import read_job, write_job
+from src.training.memory import HOST_MEMORY_VARIABLE
+from tests.training import legacy_data as legacy
+
+WORDS = ["Zorbia", "teal", "eleven", "glimmerfruit", "é", "日本語", "🦙", "</s>", "<s>", "[INST]"]
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Read 61 bytes at a time and tokenize about 300 characters per batch."""
+    monkeypatch.setattr(data, "READ_BYTES", 61)
+    monkeypatch.setattr(data, "BATCH_CHARACTERS", 300)
+
+
+def sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
+
+
+def varied_rows(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    for _ in range(count):
+        kind = rng.randrange(4)
+        if kind == 0:
+            rows.append({"text": sentence(rng)})
+        elif kind == 1:
+            rows.append({"prompt": sentence(rng), "completion": sentence(rng)})
+        elif kind == 2:
+            rows.append({"prompt": sentence(rng), "completion": sentence(rng), "system": "Be"})
+        else:
+            messages = [{"role": "system", "content": sentence(rng)}] if rng.random() < 0.5 else []
+            for _ in range(rng.randint(1, 3)):
+                answer = {"role": "assistant", "content": sentence(rng)}
+                if rng.random() < 0.3:
+                    answer["weight"] = 0
+                messages += [{"role": "user", "content": sentence(rng)}, answer]
+            messages[-1].pop("weight", None)
+            rows.append({"messages": messages})
+    return rows
+
+
+def write_lines(path: Path, lines: list[str], seed: int = 0, bom: bool = True) -> Path:
+    """Lines joined by a mix of "\n", "\r\n" and lone "\r", with blank lines between some."""
+    rng = random.Random(seed)
+    out = bytearray(b"\xef\xbb\xbf" if bom else b"")
+    for line in lines:
+        out += line.encode() + rng.choice([b"\n", b"\r\n", b"\r"])
+        if rng.random() < 0.1:
+            out += rng.choice([b"\n", b"  \r\n", b"\t\n"])
+    path.write_bytes(bytes(out))
+    return path
+
+
+def prepare(path: Path, tokenizer, tmp_path: Path) -> Examples:
+    folder = tmp_path / f"prepared-{path.stem}"
+    folder.mkdir()
+    return data.prepare_file(path, "train_data", tokenizer, folder)
+
+
+def legacy_examples(path: Path, tokenizer) -> list:
+    return legacy.tokenize_rows(legacy.read_jsonl(path, "train_data"), tokenizer)
+
+
+def error_of(call) -> str:
+    with pytest.raises(UserInputError) as error:
+        call()
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "data_bytes",
+    [
+        b"",
+        b"a\rb\r\nc\nd",
+        b"\r\r\n\n\r",
+        b"\xef\xbb\xbf\xef\xbb\xbfx\r",
+        bytes(random.Random(1).choice(b"ab\r\n ") for _ in range(5000)),
+        bytes(random.Random(2).choice(b"\r\n\r\nx") for _ in range(5000)),
+    ],
+)
+@pytest.mark.parametrize("read_bytes", [1, 2, 3, 7, 64, 2**20])
+def test_lines_split_exactly_as_bytes_splitlines(tmp_path, monkeypatch, data_bytes, read_bytes):
+    monkeypatch.setattr(data, "READ_BYTES", read_bytes)
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + data_bytes)
+    assert list(data._lines(path)) == data_bytes.splitlines()
+
+
+def test_the_same_examples_in_the_same_order(tokenizer, tmp_path, small_pieces):
+    lines = [json.dumps(row, ensure_ascii=bool(i % 2)) for i, row in enumerate(varied_rows(400))]
+    path = write_lines(tmp_path / "varied.jsonl", lines)
+    new, old = prepare(path, tokenizer, tmp_path), legacy_examples(path, tokenizer)
+    assert len(new) == len(old) == 400
+    for index, example in enumerate(old):
+        assert new.tokens(index) == legacy_as_new(example.tokens)
+        assert new.where(index) == example.where
+    assert new.num_supervised.tolist() == [
+        sum(label != -100 for label in e.tokens.labels[1:]) for e in old
+    ]
+
+
+def legacy_as_new(tokens) -> object:
+    from src.prompt_format import TokenizedExample
+
+    return TokenizedExample(tokens.input_ids, tokens.labels)
+
+
+BAD_LINES = [
+    "not json",
+    '{"prompt": "p"}',
+    '["a list"]',
+    '{"text": 3}',
+    '{"text": " "}',
+    '{"text": "a", "prompt": "p", "completion": "c"}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}',
+    '{"messages": [{"role": "assistant", "content": "a"}]}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
+    '"weight": 0}]}',
+]
+
+
+@pytest.mark.parametrize("bad_count", [3, 40])
+def test_the_same_errors_with_the_same_lines(tokenizer, tmp_path, small_pieces, bad_count):
+    lines = [json.dumps(row) for row in varied_rows(200, seed=3)]
+    rng = random.Random(bad_count)
+    for _ in range(bad_count):
+        lines.insert(rng.randrange(len(lines)), rng.choice(BAD_LINES))
+    path = write_lines(tmp_path / "bad.jsonl", lines, seed=bad_count)
+    with path.open("ab") as out:
+        out.write(b'{"text": "\xff"}\n')  # not UTF-8
+    message = error_of(lambda: prepare(path, tokenizer, tmp_path))
+    assert message == error_of(lambda: legacy_examples(path, tokenizer))
+    assert f"{bad_count + 1} line(s)" in message
+    if bad_count > 20:
+        assert "... and" in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\n \r\n\t\x0b\x0c",
+        b'[{"text": "a"},\n {"text": "b"}]\n',
+        b'  [{"text": "a"}, {"text": "b"}]  ',
+        b'\xef\xbb\xbf[{"text": "a"}]',
+        b'[{"text": "a"}]\r[{"text": "b"}]',
+        b'["a"]\n["b"]\n',
+        b"[1,\n2]\n\n\n",
+        b"\n" * 200 + b'[{"text": "a"},\n{"text": "b"}]' + b" " * 200,
+        b"\x1c\n",
+    ],
+)
+def test_empty_files_and_json_arrays_are_told_as_before(tokenizer, tmp_path, small_pieces, content):
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(content)
+    assert error_of(lambda: prepare(path, tokenizer, tmp_path)) == error_of(
+        lambda: legacy_examples(path, tokenizer)
+    )
+
+
+@pytest.mark.parametrize(("pack", "wrap"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_same_packing_and_batches_from_the_same_seed(
+    tokenizer, tmp_path, pack, wrap, world_size
+):
+    lines = [json.dumps(row) for row in varied_rows(300, seed=5)]
+    path = write_lines(tmp_path / "train.jsonl", lines, bom=False)
+    new, old = prepare(path, tokenizer, tmp_path), legacy_examples(path, tokenizer)
+    chunk_size = 160 if wrap else int(new.lengths.max())  # the longest conversation fits
+    rows, _ = build_rows(new, pack, wrap, chunk_size)
+    old_rows = legacy.build_rows(old, pack, wrap, chunk_size)
+    assert len(rows) == len(old_rows)
+    for epoch in range(2):
+        order = epoch_order(len(rows), seed=11, epoch=epoch)
+        for rank in range(world_size):
+            steps = optimizer_steps(rows, order, 8, 3, rank, world_size)
+            old_steps = legacy.optimizer_steps(old_rows, order, 8, 3, rank, world_size)
+            for step, (micro_batches, targets, tokens) in zip(steps, old_steps, strict=True):
+                assert (step.num_targets, step.num_tokens) == (targets, tokens)
+                for mine, theirs in zip(step.micro_batches, micro_batches, strict=True):
+                    batch = collate(rows, rows.segments(mine))
+                    ids, positions, labels, lengths = legacy.collate(theirs)
+                    assert batch.input_ids[0].tolist() == ids
+                    assert batch.position_ids[0].tolist() == positions
+                    assert batch.targets[0].tolist() == labels
+                    assert list(batch.segment_lengths) == lengths
+
+
+def test_progress_lines_say_rows_speed_and_time_left(tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(data, "BATCH_CHARACTERS", 2000)
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in varied_rows(300)])
+    prepare(path, tokenizer, tmp_path)
+    progress = [line for line in capsys.readouterr().out.splitlines() if "rows/s" in line]
+    assert len(progress) >= 3
+    assert all(line.startswith("train_data: ") and "left" in line for line in progress)
+    assert "% of the file)" in progress[-1]
+
+
+def test_progress_lines_are_rare(tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "BATCH_CHARACTERS", 2000)
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in varied_rows(300)])
+    prepare(path, tokenizer, tmp_path)
+    assert "rows/s" not in capsys.readouterr().out  # well under PROGRESS_EVERY_S
+
+
+def big_file(path: Path) -> Path:
+    """Over the sample the estimate reads (1 MiB): 1,500 rows of 879 bytes."""
+    row = json.dumps({"prompt": "Zorbia " * 70, "completion": "teal " * 70})
+    path.write_text(f"{row}\n" * 1500)
+    return path
+
+
+def test_a_file_too_big_for_memory_is_refused_before_reading(tokenizer, tmp_path, monkeypatch):
+    path = big_file(tmp_path / "big.jsonl")
+    monkeypatch.setenv(HOST_MEMORY_VARIABLE, "0.01")
+    message = error_of(lambda: prepare(path, tokenizer, tmp_path))
+    assert message.startswith("train_data (big.jsonl) is too big for this machine: 1.3 MB")
+    assert "about 1,500 rows" in message  # estimated from its first megabyte
+    assert "0.27 GB of memory; " in message and "10.7 MB of memory is available" in message
+    assert not (tmp_path / "prepared-big" / "train_data.input_ids").exists()
+
+
+def test_a_file_too_big_for_the_disk_is_refused(tokenizer, tmp_path, monkeypatch):
+    path = big_file(tmp_path / "big.jsonl")
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda _: type("U", (), {"free": 10**5})())
+    message = error_of(lambda: prepare(path, tokenizer, tmp_path))
+    assert "MB of disk in" in message and "0.1 MB of disk is free there" in message
+    tokens = len(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
+    estimate = int(message.split(" rows and ")[1].split(" tokens")[0].replace(",", ""))
+    assert 0.8 * tokens < estimate < 1.25 * tokens  # the estimate is near the real count
+
+
+def test_a_big_file_that_fits_is_read(tokenizer, tmp_path):
+    assert len(prepare(big_file(tmp_path / "big.jsonl"), tokenizer, tmp_path)) == 1500
+
+
+def test_workers_map_the_examples_the_parent_wrote(tokenizer, tmp_path):
+    """The job folder is the data stage's folder: a worker maps those files, no copy."""
+    from src.training.config import build_train_config
+    from src.training.run import prepare_examples
+    from tests.helpers import train_defaults
+
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in varied_rows(60)])
+    config = build_train_config(**{**train_defaults(), "train_data": str(path)})
+    folder = tmp_path / "job"
+    folder.mkdir()
+    prepared = prepare_examples(config, tokenizer, 4096, folder)
+    files = sorted(p.name for p in folder.iterdir())
+    write_job(folder, config, prepared)
+    _, job = read_job(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*files, "config.json", "data.json"])
+    for mine, theirs in ((job.train, prepared.train), (job.validation, prepared.validation)):
+        assert isinstance(mine.input_ids, np.memmap) and isinstance(mine.trained, np.memmap)
+        assert Path(mine.input_ids.filename) == folder / "train_data.input_ids"
+        assert (len(mine), mine.first) == (len(theirs), theirs.first)
+        assert [mine.tokens(i) for i in range(len(mine))] == [
+            theirs.tokens(i) for i in range(len(theirs))
+        ]
+        assert mine.lines.tolist() == theirs.lines.tolist()
+    assert (len(job.train), len(job.validation)) == (48, 12)
