@@ -110,10 +110,10 @@ def run_tokenizer(path: Path) -> dict:
     process. The strings are gathered by the stage's own reader first, untimed."""
     from src.modeling import load_tokenizer
     from src.prompt_format import encode_texts
-    from src.training.data import _Reader
+    from src.training.data import RowReader
 
     tokenizer = load_tokenizer(TOKENIZER_FIXTURE)
-    reader = _Reader("train_data", path.stat().st_size)
+    reader = RowReader("train_data", path.stat().st_size)
     batches = [[p.text for p in batch.pieces] for batch in reader.batches(path)]
     started = time.perf_counter()
     tokens = sum(len(ids) for texts in batches for ids in encode_texts(tokenizer, texts))

@@ -105,7 +105,7 @@ def build_rows(
     """
     real = examples.num_tokens
     starts, stops = examples.offsets[:-1], examples.offsets[1:]
-    targets = examples.num_supervised
+    targets = examples.supervised
     if not pack:
         rows = Rows(examples, starts, stops, stops, np.arange(len(examples) + 1), targets)
         return rows, PackingStats(len(rows), real, real)
@@ -159,6 +159,8 @@ def _wrap(examples: Examples, chunk_size: int) -> Rows:
     it, so its last position is still trained: every label of every example is trained once.
     """
     start, stop = int(examples.offsets[0]), int(examples.offsets[-1])
+    if start == stop:
+        return build_rows(examples, pack=False, wrap=False, chunk_size=chunk_size)[0]
     row_cuts = np.arange(start, stop, chunk_size, dtype=np.int64)
     cuts = np.union1d(examples.offsets[:-1], row_cuts)
     ends = np.append(cuts[1:], stop)

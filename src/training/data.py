@@ -51,6 +51,7 @@ BATCH_CHARACTERS = 2**20  # text per tokenizer call: enough to keep every core b
 BATCHES_IN_FLIGHT = 2  # queued for the tokenizer, so that it never waits for this thread
 PROGRESS_EVERY_S = 15.0  # at most one progress line per this many seconds
 SAMPLE_BYTES = 2**20  # the head of a file that its size is estimated from
+MAX_LINE_BYTES = 16 * 2**20  # a longer row would take gigabytes to tokenize at once
 MEMORY_PER_ROW = 128  # bytes held per example through training (offsets, segments, order)
 MEMORY_WORKING_SET = 256 * 2**20  # batches in flight, the tokenizer's buffers
 
@@ -76,7 +77,7 @@ def prepare_file(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> E
     _refuse_empty_or_array(path, name)
     check_room(path, name, tokenizer, folder)
     writer = ExampleWriter(folder, name)
-    reader = _Reader(name, size)
+    reader = RowReader(name, size)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pending: deque[tuple[_Batch, Future]] = deque()
     with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:
@@ -119,7 +120,7 @@ class _Batch:
         writer.add(ids, trained, lengths, np.array(self.lines, np.int64))
 
 
-class _Reader:
+class RowReader:
     """Lines to checked rows, batch by batch; the problems and unknown fields of a file."""
 
     def __init__(self, name: str, size: int) -> None:
@@ -134,7 +135,7 @@ class _Reader:
         rows = consumed = 0
         for number, raw in enumerate(_lines(path), start=1):
             consumed += len(raw) + 1
-            row = self._row(number, raw)
+            row = self.row(number, raw)
             if row is None:
                 continue
             batch.add(number, row)
@@ -146,9 +147,16 @@ class _Reader:
         if batch.pieces:
             yield batch
 
-    def _row(self, number: int, raw: bytes) -> str | Dialog | None:
+    def row(self, number: int, raw: bytes) -> str | Dialog | None:
         where = f"{self.name} line {number}"
         known = len(self.problems)
+        if len(raw) > MAX_LINE_BYTES:
+            self.problems.append(
+                f"{where}: {_size(len(raw))}, longer than a row may be ({_size(MAX_LINE_BYTES)}:"
+                f" tokenizing one row takes about 100 times its size in memory); split it"
+            )
+            self.bad_lines += 1
+            return None
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -190,15 +198,20 @@ class _Reader:
 
 def _lines(path: Path) -> Iterator[bytes]:
     """The file's lines without their endings, as bytes.splitlines gives them for the whole
-    file (its UTF-8 byte-order mark dropped), read piece by piece."""
+    file (its UTF-8 byte-order mark dropped), read piece by piece. A line longer than a piece
+    is gathered, not re-split, until its end comes."""
     with path.open("rb") as file:
-        carry = file.read(len(UTF8_BOM)).removeprefix(UTF8_BOM)
+        head = file.read(len(UTF8_BOM)).removeprefix(UTF8_BOM)
+        pending = [head] if head else []  # the start of a line that goes on
         while True:
             chunk = file.read(READ_BYTES)
-            lines = (carry + chunk).splitlines(keepends=True)
+            if chunk and b"\n" not in chunk and b"\r" not in chunk:
+                pending.append(chunk)
+                continue
+            lines = b"".join([*pending, chunk]).splitlines(keepends=True)
             # The last line may go on in the next piece; "\r" may be half of "\r\n".
             goes_on = chunk and lines and not lines[-1].endswith(b"\n")
-            carry = lines.pop() if goes_on else b""
+            pending = [lines.pop()] if goes_on else []
             for line in lines:
                 yield line.removesuffix(b"\n").removesuffix(b"\r")
             if not chunk:
@@ -266,16 +279,23 @@ def _content_bounds(path: Path) -> tuple[int, int] | None:
 
 def check_room(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> None:
     """Refuse, before reading it, a file whose examples would not fit the disk under `folder`
-    or the memory left, estimated from its size and what its first megabyte holds."""
+    or the memory left, estimated from its size and what its first megabyte holds (its rows
+    parsed and tokenized as the stage will: escapes such as \\u65e5 are one character)."""
     size = path.stat().st_size
     with path.open("rb") as file:
         head = file.read(SAMPLE_BYTES)
     if len(head) == size:
         return  # small files fit
     lines = head.splitlines(keepends=True)[:-1] or [head]  # whole lines only
-    sample = b"".join(lines)
-    sample_tokens = len(encode_texts(tokenizer, [sample.decode(errors="replace")])[0])
-    rows, tokens = size * len(lines) // len(sample), size * sample_tokens // len(sample)
+    sample = sum(map(len, lines))
+    reader, pieces = RowReader(name, size), []
+    for number, line in enumerate(lines, start=1):
+        row = reader.row(number, line.rstrip(b"\r\n"))
+        if row is not None:
+            pieces += text_pieces(row) if isinstance(row, str) else dialog_pieces(row)
+    encoded = encode_texts(tokenizer, [p.text for p in pieces])
+    sample_tokens = sum(map(len, encoded)) + sum(p.bos + p.eos for p in pieces)
+    rows, tokens = size * len(lines) // sample, size * sample_tokens // sample
     disk = tokens * BYTES_PER_TOKEN
     memory = rows * MEMORY_PER_ROW + MEMORY_WORKING_SET
     free_disk = shutil.disk_usage(folder).free
@@ -452,7 +472,7 @@ def check_lengths(examples: Examples, limit: int, reason: str) -> None:
 
 def check_supervised(examples: Examples, name: str) -> None:
     """A set with no token to train on would train (or validate) on nothing: an error."""
-    if len(examples) and not examples.num_supervised.any():
+    if len(examples) and not examples.supervised.any():
         raise UserInputError(
             f"{name}: none of its {len(examples)} rows has a token to train on (the loss is "
             f"taken on completions and text rows only)"

@@ -48,7 +48,7 @@ class Examples:
     trained: np.ndarray
     offsets: np.ndarray
     lines: np.ndarray
-    supervised: np.ndarray
+    supervised: np.ndarray  # targets per example: its labels but the first token's
     first: int = 0
 
     def __len__(self) -> int:
@@ -61,11 +61,6 @@ class Examples:
     @property
     def num_tokens(self) -> int:
         return int(self.offsets[-1] - self.offsets[0])
-
-    @property
-    def num_supervised(self) -> np.ndarray:
-        """Targets per example: its labels, but the first token's (nothing precedes it)."""
-        return self.supervised
 
     def where(self, index: int) -> str:
         return f"{self.source} line {self.lines[index]}"

@@ -328,20 +328,36 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_room() -> int | None:
-    """The cgroup's memory limit minus its usage (cgroup v2, then v1), None without a limit."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The cgroup's memory limit minus what it holds, None without a limit (cgroup v2, then
+    v1). The page cache it can drop (inactive files: the downloaded data, the model's
+    shards) is not held, as docker and the kubelet count it."""
+    for limit_file, usage_file, stat_file, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
         (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
         ),
     ):
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text())
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text())
         except (OSError, ValueError):
             continue
-        if limit.isdigit() and int(limit) < 2**60:
-            return int(limit) - usage
+        if not limit.isdigit() or int(limit) >= 2**60:
+            return None
+        return int(limit) - usage + _stat_value(root / stat_file, inactive)
     return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -115,7 +115,7 @@ def test_the_same_examples_in_the_same_order(tokenizer, tmp_path, small_pieces):
     for index, example in enumerate(old):
         assert new.tokens(index) == legacy_as_new(example.tokens)
         assert new.where(index) == example.where
-    assert new.num_supervised.tolist() == [
+    assert new.supervised.tolist() == [
         sum(label != -100 for label in e.tokens.labels[1:]) for e in old
     ]
 
@@ -252,6 +252,74 @@ def test_a_file_too_big_for_the_disk_is_refused(tokenizer, tmp_path, monkeypatch
     assert 0.8 * tokens < estimate < 1.25 * tokens  # the estimate is near the real count
 
 
+def test_the_estimate_counts_what_is_tokenized_not_the_json(tokenizer, tmp_path, monkeypatch):
+    """Non-ASCII rows written with JSON escapes (\\u65e5, six bytes for one character)."""
+    row = json.dumps({"text": "日本語のテキストです。" * 40})  # ensure_ascii: all escaped
+    path = tmp_path / "escaped.jsonl"
+    path.write_text(f"{row}\n" * 600)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda _: type("U", (), {"free": 10**5})())
+    message = error_of(lambda: prepare(path, tokenizer, tmp_path))
+    estimate = int(message.split(" rows and ")[1].split(" tokens")[0].replace(",", ""))
+    monkeypatch.undo()
+    (tmp_path / "again").mkdir()
+    real = data.prepare_file(path, "train_data", tokenizer, tmp_path / "again").offsets[-1]
+    assert 0.9 * real < estimate < 1.1 * real
+
+
+def test_a_row_too_long_to_tokenize_at_once_is_named(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(data, "READ_BYTES", 100)  # the long line spans many reads
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "word " * 300}) + "\n")
+    message = error_of(lambda: prepare(path, tokenizer, tmp_path))
+    assert "train_data line 2: 0.0 MB, longer than a row may be (0.0 MB" in message
+
+
+def test_available_memory_reads_the_cgroup_without_its_page_cache(tmp_path):
+    from src.training.memory import _cgroup_room
+
+    (tmp_path / "memory.max").write_text(f"{8 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{6 * 2**30}\n")
+    (tmp_path / "memory.stat").write_text(f"anon 1\ninactive_file {3 * 2**30}\nfile 9\n")
+    assert _cgroup_room(tmp_path) == 5 * 2**30
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_room(tmp_path) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{4 * 2**30}")
+    (v1 / "memory.usage_in_bytes").write_text(f"{3 * 2**30}")
+    (v1 / "memory.stat").write_text(f"total_inactive_file {2**30}")
+    assert _cgroup_room(tmp_path / "v1") == 2 * 2**30
+
+
+def test_memory_stays_within_16_bytes_per_token(tmp_path):
+    """The data stage of 20,000 long rows (7 million tokens) in a fresh process: its peak
+    above the baseline stays within 16 bytes per token plus a fixed 128 MiB (batches in
+    flight, the tokenizer's buffers). The old stage held about 80 bytes per token."""
+    import subprocess
+    import sys
+
+    from bench.pipeline import write_rows
+
+    path = tmp_path / "rows.jsonl"
+    write_rows(path, 20_000, 250)
+    command = [sys.executable, "-m", "bench.pipeline", "--only", "stage", "--file", str(path)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    result = json.loads(done.stdout.splitlines()[-1].removeprefix("RESULT "))
+    grown = (result["peak_rss_mib"] - result["baseline_rss_mib"]) * 2**20
+    assert result["tokens"] > 7_000_000
+    assert grown < 16 * result["tokens"] + 128 * 2**20, grown / result["tokens"]
+
+
+def test_wrapping_no_examples_gives_no_rows():
+    empty = Examples.from_tokenized([])
+    rows, stats = build_rows(empty, pack=True, wrap=True, chunk_size=16)
+    assert len(rows) == 0 and stats.rows == 0
+
+
 def test_a_big_file_that_fits_is_read(tokenizer, tmp_path):
     assert len(prepare(big_file(tmp_path / "big.jsonl"), tokenizer, tmp_path)) == 1500
 
@@ -269,7 +337,8 @@ def test_workers_map_the_examples_the_parent_wrote(tokenizer, tmp_path):
     prepared = prepare_examples(config, tokenizer, 4096, folder)
     files = sorted(p.name for p in folder.iterdir())
     write_job(folder, config, prepared)
-    _, job = read_job(folder)
+    _, job, start = read_job(folder)
+    assert start is None
     assert sorted(p.name for p in folder.iterdir()) == sorted([*files, "config.json", "data.json"])
     for mine, theirs in ((job.train, prepared.train), (job.validation, prepared.validation)):
         assert isinstance(mine.input_ids, np.memmap) and isinstance(mine.trained, np.memmap)
