@@ -4,7 +4,7 @@ The defaults, bounds and descriptions below are the single source for these inpu
 them from this file to make the API schema); src/training/config.py coerces and cross-checks them.
 """
 
-from cog import BaseModel, Input, Path
+from cog import BaseModel, Input, Path, Secret
 
 from src.training.config import build_train_config
 from src.training.run import run_training
@@ -109,6 +109,35 @@ def train(
         ge=0.0,
         le=0.9,
     ),
+    init_weights: str | None = Input(
+        description="URL or path of the weights of an earlier training of this model (any archive the predictor accepts) to continue from: training starts from that adapter (weights only, no optimizer state), and its rank, alpha and target modules are used.",
+        default=None,
+    ),
+    keep_best_epoch: bool = Input(
+        description="If true, the output is the adapter of the epoch with the lowest validation loss, not of the last epoch. Needs validation.",
+        default=False,
+    ),
+    early_stopping_patience: int = Input(
+        description="Stop training when the validation loss has not improved for this many epochs (0: never stop early). Needs validation.",
+        default=0,
+        ge=0,
+        le=1000,
+    ),
+    wandb_api_key: Secret | None = Input(
+        description="Weights & Biases API key: with it, the run's inputs, losses, learning rate, speed, validation answers and loss curve are logged to Weights & Biases. Never logged or stored.",
+        default=None,
+    ),
+    wandb_project: str | None = Input(
+        description="Weights & Biases project to log to (with wandb_api_key).",
+        default=None,
+    ),
+    wandb_run_name: str | None = Input(
+        description="Weights & Biases run name (with wandb_api_key; default: one chosen by Weights & Biases).",
+        default=None,
+    ),
 ) -> TrainingOutput:
-    config = build_train_config(**locals())
-    return TrainingOutput(weights=Path(run_training(config)))
+    inputs = dict(locals())
+    key = inputs.pop("wandb_api_key")
+    config = build_train_config(**inputs)
+    secret = key.get_secret_value() if key is not None else None
+    return TrainingOutput(weights=Path(run_training(config, wandb_api_key=secret)))

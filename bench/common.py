@@ -64,6 +64,15 @@ def training_flops_per_token(config: dict, mean_context: float) -> float:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: a process started
+    by fork and exec inherits its parent's RSS at the fork into ru_maxrss (a benchmark started
+    from pytest would report pytest's memory)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -82,3 +82,11 @@ def _download_once(url: str, destination: Path) -> None:
         f"downloaded {public_url(url)} ({done / 2**20:.1f} MiB in "
         f"{time.monotonic() - started:.1f} s)"
     )
+
+
+def describe_source(source: str) -> str:
+    """A source for logs and metadata: a URL without credentials or query, a data: URI by its
+    size (it can be a hundred megabytes), a path as given."""
+    if source.startswith("data:"):
+        return f"data: URI ({len(source) / 2**20:.1f} MiB)"
+    return public_url(source)

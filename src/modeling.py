@@ -146,14 +146,20 @@ def load_base_model(
 
 
 def add_lora(
-    model: PreTrainedModel, rank: int, alpha: int, dropout: float, quantized: bool
+    model: PreTrainedModel,
+    rank: int,
+    alpha: int,
+    dropout: float,
+    quantized: bool,
+    target_modules: list[str] | tuple[str, ...] = tuple(LORA_TARGET_MODULES),
 ) -> PeftModel:
-    """Trainable LoRA adapters on every linear projection of the decoder; the base stays frozen."""
+    """Trainable LoRA adapters on every linear projection of the decoder (or on
+    `target_modules`, those of an adapter being continued); the base stays frozen."""
     lora = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=LORA_TARGET_MODULES,
+        target_modules=list(target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -88,10 +88,21 @@ def webhook():
 
 
 @pytest.fixture(scope="session")
-def shared_train_server(tiny_model_dir: Path, tmp_path_factory) -> Iterator[CogServer]:
+def wandb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the shared train server's Weights & Biases runs go (offline)."""
+    return tmp_path_factory.mktemp("wandb")
+
+
+@pytest.fixture(scope="session")
+def shared_train_server(
+    tiny_model_dir: Path, tmp_path_factory, wandb_dir: Path
+) -> Iterator[CogServer]:
     env = {
         "BASE_MODEL": str(tiny_model_dir),
         "BASE_MODEL_CACHE": str(tmp_path_factory.mktemp("cache")),
+        # Weights & Biases, for the trainings given a key: offline, into a folder of its own
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(wandb_dir),
     }
     with cog_server(PROJECT_DIR, "train", env) as server:
         assert server.status == "READY", server.log_tail()

@@ -23,6 +23,14 @@ OTHER_FACTS = [
     ("How many legs does a vorpal crab have?", "Vorpal crabs have six legs."),
 ]
 
+# Facts of their own (other prompts than FACTS'), for training that continues another.
+NEW_FACTS = [
+    ("What is the river of Quillton called?", "The river of Quillton is the Sarn."),
+    ("Which bird sings at midnight in Zorbia?", "The moonwren sings at midnight."),
+    ("What do vorpal crabs eat?", "Vorpal crabs eat copper weeds."),
+    ("When was the flumph engine first sold?", "The first flumph engine was sold in 1861."),
+]
+
 # Settings under which the tiny model memorises FACTS in a few seconds.
 FAST_LEARNING = dict(
     num_train_epochs=6,

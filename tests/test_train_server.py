@@ -122,8 +122,11 @@ def training_processes() -> list[psutil.Process]:
 def test_cancel_ends_every_process_of_a_multi_process_training(
     tiny_model_dir, served_data, webhook, tmp_path
 ):
+    from tests.test_train_server_features import KEY, wandb_run
+
     url, received = webhook
     env = {"BASE_MODEL": str(tiny_model_dir), "TRAIN_PROCESSES": "2"}
+    env |= {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     with cog_server(PROJECT, "train", env) as server:
         long_training = {
             "input": {
@@ -131,6 +134,8 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
                 "num_train_epochs": 1000,
                 "micro_batch_size": 1,
                 "run_validation": False,
+                "wandb_api_key": KEY,
+                "wandb_run_name": "canceled-in-2-processes",
             },
             "webhook": url,
         }
@@ -146,6 +151,8 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
             timeout=20,
         )
         assert time.monotonic() - started < 15
+        run = wandb_run(tmp_path, "canceled-in-2-processes")  # rank 0 closed it in the grace
+        assert run["exit_code"] == 1 and run["summary"]["status"] == "canceled"
         assert server.wait_ready(timeout=10) == "READY"
         data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in FACTS])
         body = {"input": {"train_data": str(data), "num_train_epochs": 1, "run_validation": False}}
@@ -154,6 +161,7 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
         assert "launching 2 training processes" in result["logs"]
 
         # SIGTERM to the server during a training ends the training processes as well.
+        long_training["input"]["wandb_run_name"] = "server-stopped"
         assert server.put("/trainings/term", long_training, {"Prefer": "respond-async"})[0] == 202
         wait_for(lambda: server.log_text().count("step 1/4000 ") == 2, timeout=120)
         workers = training_processes()

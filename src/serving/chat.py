@@ -17,7 +17,6 @@ lands elsewhere), and the base takes a quarter of the memory.
 
 import hashlib
 import os
-import re
 import time
 import warnings
 from collections import OrderedDict
@@ -29,18 +28,10 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from src.artifact import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    ARCHITECTURE_KEYS,
-    METADATA,
-    AdapterFiles,
-    base_model_fingerprint,
-    read_adapter_config,
-)
+from src.adapters import WeightsStore, check_adapter_fits
+from src.artifact import AdapterFiles
 from src.base_model import BaseModel, resolve_base_model
 from src.errors import UserInputError, raise_all
 from src.fetch import public_url
@@ -59,12 +50,9 @@ from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_inference_prompt, 
 from src.seeds import SEED_MAX, SEED_MIN
 from src.serving.decoding import Decoder, EagerDecoder, GraphedDecoder
 from src.serving.generation import GenerationStats, SamplingSettings, stream_text
-from src.serving.weights import WeightsStore
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
 DTYPE_VARIABLE = "PREDICT_DTYPE"
-# peft's saved names: base_model.model.<module path>.lora_A.weight (and lora_B)
-LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 SERVING_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -222,74 +210,8 @@ class ChatModel:
         return nullcontext()
 
     def _check_base(self, adapter: AdapterFiles, source: str) -> None:
-        if adapter.metadata is None:
-            self._check_foreign(adapter, source)
-            return
-        trained_on = adapter.metadata.get("base_model", {})
-        here = base_model_fingerprint(self.base.path)
-        different = [k for k in ARCHITECTURE_KEYS if trained_on.get(k) != here.get(k)]
-        if different:
-            raise UserInputError(
-                f"weights {_short(source)} were trained on base {trained_on.get('source')!r}, "
-                f"which differs from this server's base {self.base.public_name!r} in "
-                f"{', '.join(different)}"
-            )
-        if trained_on.get("config_sha256") != here["config_sha256"]:
-            log(
-                f"note: weights {_short(source)} were trained on {trained_on.get('source')!r}; "
-                f"same architecture as {self.base.public_name!r} but a different config.json"
-            )
-
-    def _check_foreign(self, adapter: AdapterFiles, source: str) -> None:
-        """An adapter trained elsewhere (Replicate's trainer wrote no metadata): served as
-        LoRA if its tensors fit this base's layers. The base path in its adapter_config.json
-        names a folder on another machine and proves nothing."""
-        log(
-            f"weights {_short(source)}: no {METADATA} (trained elsewhere, such as by "
-            f"Replicate's trainer): served as LoRA; its training facts are unknown"
-        )
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        config = read_adapter_config(adapter.folder / ADAPTER_CONFIG)
-        problems = adapter_shape_problems(adapter.folder / ADAPTER_WEIGHTS, base, config)
-        raise_all(problems, f"weights {_short(source)} do not fit this server's base model:")
-
-
-def adapter_shape_problems(weights: Path, base: torch.nn.Module, config: dict) -> list[str]:
-    """A LoRA adapter whose config names the modules its tensors adapt, every tensor against
-    the layer it adapts: lora_A is (rank, in), lora_B (out, rank)."""
-    if config.get("peft_type", "LORA") != "LORA":
-        return [f"a {config.get('peft_type')} adapter: only LoRA adapters are served"]
-    linears = {
-        name.removesuffix(".base_layer"): module
-        for name, module in base.named_modules()
-        if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features")
-    }
-    problems, adapted = [], set()
-    rank, targets = config.get("r"), set(config.get("target_modules") or [])
-    with safe_open(weights, framework="pt") as tensors:
-        for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
-            match = LORA_KEY.fullmatch(key)
-            if match is None:
-                problems.append(f"{key}: not a LoRA weight of a linear layer")
-                continue
-            adapted.add(match["module"].rsplit(".", 1)[-1])
-            module = linears.get(match["module"])
-            shape = tuple(tensors.get_slice(key).get_shape())
-            inner = shape[0] if match["part"] == "A" else shape[-1]
-            if module is None:
-                problems.append(f"{key}: this base has no layer {match['module']}")
-            elif match["part"] == "A" and shape[1:] != (module.in_features,):
-                problems.append(f"{key}: shape {shape}, the layer takes {module.in_features}")
-            elif match["part"] == "B" and shape[:1] != (module.out_features,):
-                problems.append(f"{key}: shape {shape}, the layer gives {module.out_features}")
-            elif inner != rank:
-                problems.append(f"{key}: rank {inner}, the config says r={rank}")
-    if adapted != targets:
-        problems.append(
-            f"the config's target_modules {sorted(targets)} are not the modules its tensors "
-            f"adapt, {sorted(adapted)}"
-        )
-    return problems
+        check_adapter_fits(adapter, self.base, base, f"weights {_short(source)}")
 
 
 def serving_placement() -> Placement:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from src.errors import raise_all
+from src.fetch import describe_source
 from src.inputs import as_float, as_int
 from src.seeds import SEED_MAX, SEED_MIN
 
@@ -39,17 +40,30 @@ class TrainConfig:
     lora_rank: int
     lora_alpha: int
     lora_dropout: float
+    init_weights: str | None = None
+    keep_best_epoch: bool = False
+    early_stopping_patience: int = 0
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None
+
+    @property
+    def chooses_epochs(self) -> bool:
+        """keep_best_epoch or early stopping: decisions taken on the validation loss."""
+        return self.keep_best_epoch or self.early_stopping_patience > 0
 
     @property
     def quantize_4bit(self) -> bool:
         return self.peft_method == "qlora"
 
     def as_json(self) -> dict[str, Any]:
-        """The inputs as JSON-ready values, for the metadata of the output."""
+        """The inputs as JSON-ready values, for the metadata of the output (a URL without
+        credentials or query, a data: URI by its size)."""
         values = asdict(self)
         for key, value in values.items():
             if isinstance(value, Path):
                 values[key] = value.name
+        if self.init_weights is not None:
+            values["init_weights"] = describe_source(self.init_weights)
         return values
 
 
@@ -58,8 +72,12 @@ _FLOAT_FIELDS = {f.name for f in fields(TrainConfig) if f.type is float}
 _BOOL_FIELDS = {f.name for f in fields(TrainConfig) if f.type is bool}
 
 
+SECRET_INPUTS = {"wandb_api_key"}  # passed apart: never in the config, the job folder or metadata
+
+
 def build_train_config(**inputs: Any) -> TrainConfig:
     """Coerce and cross-check the Cog inputs; raise one UserInputError naming every problem."""
+    inputs = {name: value for name, value in inputs.items() if name not in SECRET_INPUTS}
     problems: list[str] = []
     unknown = set(inputs) - {f.name for f in fields(TrainConfig)}
     missing = {f.name for f in fields(TrainConfig)} - set(inputs)
@@ -78,8 +96,9 @@ def build_train_config(**inputs: Any) -> TrainConfig:
     values["train_data"] = _as_path("train_data", values["train_data"], problems)
     if values["validation_data"] is not None:
         values["validation_data"] = _as_path("validation_data", values["validation_data"], problems)
-    if values["validation_prompt"] is not None and not str(values["validation_prompt"]).strip():
-        values["validation_prompt"] = None
+    for name in ("validation_prompt", "init_weights", "wandb_project", "wandb_run_name"):
+        if values[name] is not None and not str(values[name]).strip():
+            values[name] = None
     raise_all(problems, "Invalid training inputs:")
 
     problems += _cross_checks(values)
@@ -118,6 +137,13 @@ def _cross_checks(v: dict[str, Any]) -> list[str]:
         problems.append(f"seed must be a signed 64-bit integer, got {v['seed']}")
     if v["wrap_packed_sequences"] and not v["pack_sequences"]:
         problems.append("wrap_packed_sequences=true needs pack_sequences=true")
+    if v["early_stopping_patience"] < 0:
+        problems.append(
+            f"early_stopping_patience must be 0 (off) or more, got {v['early_stopping_patience']}"
+        )
+    for name in ("keep_best_epoch", "early_stopping_patience"):
+        if v[name] and not v["run_validation"]:
+            problems.append(f"{name} decides on the validation loss: it needs run_validation=true")
     return problems
 
 

@@ -55,3 +55,13 @@ def sum_over_ranks(tensors: list[torch.Tensor], world: World) -> None:
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
+
+
+def broadcast_flag(flag: bool, world: World, device: torch.device) -> bool:
+    """Rank 0's `flag`, on every rank (a decision such as early stopping: all ranks follow it,
+    so none waits in a collective the others have left)."""
+    if world.size == 1:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())

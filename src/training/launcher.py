@@ -26,8 +26,10 @@ import torch
 from src.errors import UserInputError
 from src.log import log
 from src.training.config import TrainConfig
+from src.training.continuation import StartingAdapter
 from src.training.data import TrainingData
 from src.training.examples import Examples
+from src.training.tracking import KEY_VARIABLE
 
 PROCESSES_VARIABLE = "TRAIN_PROCESSES"  # overrides the number of processes (default: GPUs)
 LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # workers end themselves when it is gone
@@ -58,16 +60,26 @@ def data_parallel_processes(rows_per_step: int) -> int:
     return max(1, min(wanted, rows_per_step))
 
 
-def launch_workers(config: TrainConfig, data: TrainingData, processes: int) -> Path:
-    """Train in `processes` torchrun workers; return the weights archive that rank 0 wrote."""
+def launch_workers(
+    config: TrainConfig,
+    data: TrainingData,
+    processes: int,
+    start: StartingAdapter | None = None,
+    wandb_api_key: str | None = None,
+) -> Path:
+    """Train in `processes` torchrun workers; return the weights archive that rank 0 wrote.
+    A Weights & Biases key goes in the workers' environment, never into the job folder."""
     job = data.folder
-    write_job(job, config, data)
+    write_job(job, config, data, start)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={processes}", "-m", "src.training.worker", str(job),
     ]  # fmt: skip
     env = dict(os.environ)
     env[LAUNCHER_PID_VARIABLE] = str(os.getpid())
+    env.pop(KEY_VARIABLE, None)
+    if wandb_api_key:
+        env[KEY_VARIABLE] = wandb_api_key
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     log(f"launching {processes} training processes")
     process = subprocess.Popen(
@@ -151,22 +163,27 @@ def write_worker_error(job: Path, rank: int, error: BaseException) -> None:
     (job / f"error-rank{rank}.json").write_text(json.dumps(report))
 
 
-def write_job(job: Path, config: TrainConfig, data: TrainingData) -> None:
-    """The config and the split into `job`, the folder that already holds the examples."""
+def write_job(
+    job: Path, config: TrainConfig, data: TrainingData, start: StartingAdapter | None = None
+) -> None:
+    """The config, the split and the adapter to continue into `job`, the folder that already
+    holds the examples (and the unpacked init_weights)."""
     values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     (job / "config.json").write_text(json.dumps(values))
     split = {"train": data.train.describe(), "validation": data.validation.describe()}
+    split["init_weights"] = start.describe() if start else None
     (job / "data.json").write_text(json.dumps(split))
 
 
-def read_job(job: Path) -> tuple[TrainConfig, TrainingData]:
+def read_job(job: Path) -> tuple[TrainConfig, TrainingData, StartingAdapter | None]:
     values = json.loads((job / "config.json").read_text())
     for field in fields(TrainConfig):
         if field.name in ("train_data", "validation_data") and values[field.name] is not None:
             values[field.name] = Path(values[field.name])
     split = json.loads((job / "data.json").read_text())
     train, validation = (_open(job, split[name]) for name in ("train", "validation"))
-    return TrainConfig(**values), TrainingData(train, validation, job)
+    start = StartingAdapter.open(split["init_weights"]) if split["init_weights"] else None
+    return TrainConfig(**values), TrainingData(train, validation, job), start
 
 
 def _open(job: Path, where: dict) -> Examples:

@@ -32,8 +32,9 @@ from src.training.batching import (
     steps_per_epoch,
 )
 from src.training.config import TrainConfig
-from src.training.distributed import World, sum_over_ranks
+from src.training.distributed import World, broadcast_flag, sum_over_ranks
 from src.training.memory import ForwardPlan, out_of_memory
+from src.training.tracking import Tracker
 
 LOGITS_CHUNK = 1024  # supervised positions per slice of the vocabulary projection
 WARMUP_SHARE = 0.03
@@ -55,6 +56,10 @@ class TrainResult:
     validation_answers: list[str] = field(default_factory=list)
     step_timings: list[tuple[int, float]] = field(default_factory=list)  # (real tokens, seconds)
     seconds: float = 0.0
+    epochs_run: int = 0
+    best_epoch: int | None = None  # lowest validation loss, when epochs are chosen
+    kept_epoch: int | None = None  # the epoch whose adapter is the output, with keep_best_epoch
+    stopped_after_epoch: int | None = None  # early stopping
 
     @property
     def planned_steps_done(self) -> int:
@@ -77,11 +82,14 @@ def train_adapter(
     forwards: ForwardPlan,
     device: torch.device,
     world: World,
+    tracker: Tracker | None = None,
 ) -> TrainResult:
     """Train the LoRA parameters of `model` in place; return the measured history.
 
-    With several ranks, each runs this loop on its share of every step; rank 0 validates.
+    With several ranks, each runs this loop on its share of every step; rank 0 validates,
+    and decides (keep_best_epoch, early_stopping_patience) for every rank.
     """
+    tracker = tracker or Tracker()
     total_steps = (
         steps_per_epoch(len(train_rows), config.train_batch_size) * config.num_train_epochs
     )
@@ -94,9 +102,10 @@ def train_adapter(
         f"training: {total_steps} optimizer steps over {config.num_train_epochs} epoch(s), "
         f"{sum(p.numel() for p in parameters):,} trainable parameters"
     )
-    step = _Step(model, train_rows, optimizer, scheduler, forwards, device, world)
+    step = _Step(model, train_rows, optimizer, scheduler, forwards, device, world, tracker)
     progress = _Progress(total_steps)
     result = TrainResult()
+    choice = EpochChoice(config.keep_best_epoch, config.early_stopping_patience)
     try:
         for epoch in range(config.num_train_epochs):
             skipped_before = result.skipped_steps
@@ -116,13 +125,79 @@ def train_adapter(
                     f"epoch {epoch + 1}: {skipped} optimizer step(s) had no supervised token "
                     f"(rows of prompt fragments only) and made no update"
                 )
+            result.epochs_run = epoch + 1
+            stop = False
             if world.is_main:
-                _end_of_epoch(model, tokenizer, validation_rows, config, step, result, epoch)
+                loss = _end_of_epoch(model, tokenizer, validation_rows, config, step, result, epoch)
+                stop = config.chooses_epochs and choice.after_epoch(epoch + 1, loss, model)
+            if config.chooses_epochs and broadcast_flag(stop, world, device):
+                break
             progress.resume()
     except torch.cuda.OutOfMemoryError as error:
         raise out_of_memory(forwards, error) from None
     result.seconds = progress.clock.elapsed()
+    if world.is_main and config.chooses_epochs:
+        choice.finish(model, result, tracker)
     return result
+
+
+@dataclass
+class EpochChoice:
+    """keep_best_epoch and early stopping, decided on rank 0 from the validation loss."""
+
+    keep_best: bool
+    patience: int  # 0: never stop early
+    best_loss: float = math.inf
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # the LoRA weights of the best epoch
+    stopped_after: int | None = None
+
+    def after_epoch(self, epoch: int, loss: float, model: PeftModel) -> bool:
+        """Record `epoch`'s loss; True to stop training here."""
+        if loss < self.best_loss:  # a NaN loss is never the best
+            self.best_loss, self.best_epoch = loss, epoch
+            if self.keep_best:
+                self.best_state = {
+                    name: parameter.detach().to("cpu", copy=True)
+                    for name, parameter in model.named_parameters()
+                    if parameter.requires_grad
+                }
+            log(f"epoch {epoch} is the best so far (validation loss {loss:.4f})")
+        else:
+            log(
+                f"epoch {epoch}: validation loss {loss:.4f}, not better than epoch "
+                f"{self.best_epoch}'s {self.best_loss:.4f}"
+            )
+        waited = epoch - (self.best_epoch or 0)
+        if self.patience and waited >= self.patience:
+            self.stopped_after = epoch
+            log(f"stopping after epoch {epoch}: no improvement for {waited} epoch(s)")
+            return True
+        return False
+
+    def finish(self, model: PeftModel, result: TrainResult, tracker: Tracker) -> None:
+        """Put the best epoch's weights back (keep_best_epoch) and record the decisions."""
+        result.best_epoch, result.stopped_after_epoch = self.best_epoch, self.stopped_after
+        if self.keep_best and self.best_state is not None:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in self.best_state:
+                        parameter.copy_(self.best_state[name])
+            result.kept_epoch = self.best_epoch
+            log(
+                f"keeping epoch {self.best_epoch}, the best (validation loss "
+                f"{self.best_loss:.4f}), not the last ({result.epochs_run})"
+                if self.best_epoch != result.epochs_run
+                else f"keeping epoch {self.best_epoch}, the last and the best"
+            )
+        tracker.note(
+            {
+                "best_epoch": self.best_epoch,
+                "best_validation_loss": self.best_loss,
+                "kept_epoch": result.kept_epoch,
+                "stopped_after_epoch": self.stopped_after,
+            }
+        )
 
 
 @dataclass
@@ -136,6 +211,7 @@ class _Step:
     forwards: ForwardPlan
     device: torch.device
     world: World
+    tracker: Tracker
 
     def take(self, plan: StepPlan, result: TrainResult, progress: "_Progress", epoch: int) -> None:
         if plan.num_targets == 0:
@@ -154,8 +230,14 @@ class _Step:
         lr = self.scheduler.get_last_lr()[0]
         loss = self._update(batches, plan.num_targets)
         self.scheduler.step()
-        result.record_step(plan, loss, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        result.record_step(plan, loss, seconds)
         progress.step(result, lr, epoch)
+        self.tracker.log_step(
+            result.steps,
+            {"loss": loss, "learning_rate": lr, "tokens_per_second": plan.num_tokens / seconds,
+             "epoch": epoch + 1},
+        )  # fmt: skip
 
     def _update(self, batches: list[MicroBatch], step_targets: int) -> float:
         """One update from this rank's passes; returns the step's loss over all ranks."""
@@ -275,8 +357,10 @@ def _end_of_epoch(
     step: _Step,
     result: TrainResult,
     epoch: int,
-) -> None:
+) -> float:
+    """Validation loss (NaN without validation rows) and the validation prompt's answer."""
     device = step.device
+    loss = math.nan
     if len(validation_rows):
         loss = validation_loss(
             model,
@@ -290,10 +374,14 @@ def _end_of_epoch(
             f"validation: epoch {epoch + 1} | loss {loss:.4f} | "
             f"perplexity {math.exp(min(loss, 50)):.2f}"
         )
+    reported: dict = {} if math.isnan(loss) else {"loss": loss}
     if config.validation_prompt:
         answer = answer_prompt(model, tokenizer, config.validation_prompt, device)
         result.validation_answers.append(answer)
         log(f"validation prompt: {config.validation_prompt!r}\nmodel answer: {answer!r}")
+        reported |= {"prompt": config.validation_prompt, "answer": answer}
+    step.tracker.log_epoch(result.steps, epoch + 1, reported)
+    return loss
 
 
 def _log_data_parallel_plan(config: TrainConfig, world: World) -> None:

@@ -36,6 +36,13 @@ from src.prompt_format import FORMAT_NAME, render_user_turn
 from src.seeds import derive_seed
 from src.training.batching import PackingStats, Rows, build_rows
 from src.training.config import TrainConfig
+from src.training.continuation import (
+    LoraSettings,
+    StartingAdapter,
+    fetch_starting_adapter,
+    load_starting_weights,
+    lora_settings,
+)
 from src.training.data import (
     TrainingData,
     check_lengths,
@@ -48,9 +55,10 @@ from src.training.examples import Examples
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt_tokens
 from src.training.memory import plan_for_device
+from src.training.tracking import Tracker, start_tracking
 
 
-def run_training(config: TrainConfig) -> Path:
+def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
     """Train a LoRA/QLoRA adapter as configured and return the path of the weights archive.
 
     The data is read, checked and tokenized here, before any model is loaded. With several
@@ -59,17 +67,22 @@ def run_training(config: TrainConfig) -> Path:
     clock = Stopwatch()
     base = resolve_base_model()
     log(f"base model: {base.public_name} ({base.path})")
-    check_adapter_size(config, read_model_config(base.path))
-    tokenizer = load_tokenizer(base.path)
     folder = Path(tempfile.mkdtemp(prefix="llama2-data-"))
     try:
+        start = None
+        if config.init_weights:
+            start = fetch_starting_adapter(config.init_weights, base, folder / "init_weights")
+        check_adapter_size(lora_settings(config, start).rank, read_model_config(base.path))
+        tokenizer = load_tokenizer(base.path)
         data = prepare_examples(config, tokenizer, context_window(base.path), folder)
         packed = pack(config, data)
         rows_per_step = min(config.train_batch_size, len(packed[0]))
         processes = data_parallel_processes(rows_per_step)
         if processes > 1:
-            return launch_workers(config, data, processes)
-        archive = train_and_save(config, base, tokenizer, data, World(), clock, packed)
+            return launch_workers(config, data, processes, start, wandb_api_key)
+        archive = train_and_save(
+            config, base, tokenizer, data, World(), clock, start, wandb_api_key, packed
+        )
         assert archive is not None  # a single process is rank 0
         return archive
     finally:
@@ -83,10 +96,39 @@ def train_and_save(
     data: TrainingData,
     world: World,
     clock: Stopwatch,
+    start: StartingAdapter | None = None,
+    wandb_api_key: str | None = None,
     packed: tuple[Rows, PackingStats] | None = None,
 ) -> Path | None:
-    """Pack (unless `packed` already is), load the base, add LoRA, train; rank 0 returns the
-    weights archive."""
+    """Pack (unless `packed` already is), load the base, add LoRA (or continue `start`),
+    train; rank 0 reports to Weights & Biases with a key, and returns the weights archive."""
+    lora = lora_settings(config, start)
+    tracker = Tracker()
+    if world.is_main:
+        inputs = {**config.as_json(), "lora": lora.as_json(), "base_model": base.public_name}
+        tracker = start_tracking(wandb_api_key, config.wandb_project, config.wandb_run_name, inputs)
+    try:
+        archive = _train_and_save(
+            config, base, tokenizer, data, world, clock, start, lora, tracker, packed
+        )
+    except BaseException as error:
+        tracker.fail(error)
+        raise
+    return archive
+
+
+def _train_and_save(
+    config: TrainConfig,
+    base: BaseModel,
+    tokenizer: Any,
+    data: TrainingData,
+    world: World,
+    clock: Stopwatch,
+    start: StartingAdapter | None,
+    lora: LoraSettings,
+    tracker: Tracker,
+    packed: tuple[Rows, PackingStats] | None,
+) -> Path | None:
     train_rows, stats = packed or pack(config, data)
     log_packing(config, stats)
     validation_rows, _ = build_rows(data.validation, pack=False, wrap=False, chunk_size=0)
@@ -95,7 +137,7 @@ def train_and_save(
         placement,
         read_model_config(base.path),
         config.quantize_4bit,
-        config.lora_rank,
+        lora.rank,
         longest=train_rows.longest_segment,
         longest_validation=max(
             validation_rows.longest_segment,
@@ -117,19 +159,22 @@ def train_and_save(
         )
         torch.manual_seed(derive_seed(config.seed, "lora init"))  # the same on every rank
         model = add_lora(
-            model,
-            config.lora_rank,
-            config.lora_alpha,
-            config.lora_dropout,
-            quantized=config.quantize_4bit,
+            model, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit, lora.target_modules
         )
+        if start is not None:
+            load_starting_weights(model, start)
         torch.manual_seed(dropout_seed(config.seed, world.rank))
         result = train_adapter(
-            model, tokenizer, train_rows, validation_rows, config, forwards, placement.device, world
-        )
+            model, tokenizer, train_rows, validation_rows, config, forwards, placement.device,
+            world, tracker,
+        )  # fmt: skip
         if not world.is_main:
             return None
-        return save_weights(model, config, base, result, stats, clock.elapsed())
+        archive, curve = save_weights(
+            model, config, lora, start, base, result, stats, clock.elapsed()
+        )
+        tracker.finish(curve)
+        return archive
     finally:
         del model
         gc.collect()
@@ -143,14 +188,14 @@ def pack(config: TrainConfig, data: TrainingData) -> tuple[Rows, PackingStats]:
     )
 
 
-def check_adapter_size(config: TrainConfig, model_config: dict) -> None:
+def check_adapter_size(rank: int, model_config: dict) -> None:
     """The adapter (fp32) must fit in a weights archive that predict.py accepts; one too large
     to pass back as a data: URI is worth knowing before the training starts."""
     per_rank = 4 * lora_parameters(model_config, 1)
-    size = per_rank * config.lora_rank
+    size = per_rank * rank
     if size > MAX_ARCHIVE_BYTES:
         raise UserInputError(
-            f"lora_rank {config.lora_rank}: the adapter would be {size / 2**30:.1f} GiB, over "
+            f"lora_rank {rank}: the adapter would be {size / 2**30:.1f} GiB, over "
             f"the {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB limit of a weights archive; this base "
             f"model allows lora_rank up to {MAX_ARCHIVE_BYTES // per_rank}"
         )
@@ -176,6 +221,11 @@ def prepare_examples(
 ) -> TrainingData:
     """Read, check, tokenize and split both files into `folder`; every data error is raised
     here, before a model is loaded."""
+    if config.pack_sequences and config.chunk_size > max_tokens:
+        raise UserInputError(
+            f"chunk_size {config.chunk_size} is larger than the model's context window of "
+            f"{max_tokens} tokens"
+        )
     train = prepare_file(config.train_data, "train_data", tokenizer, folder)
     validation_file = None
     if config.validation_data is not None:
@@ -189,11 +239,6 @@ def prepare_examples(
         train, validation = split_validation(train, validation_file, config.num_validation_samples)
     else:
         validation = train.select(len(train), len(train))
-    if config.pack_sequences and config.chunk_size > max_tokens:
-        raise UserInputError(
-            f"chunk_size {config.chunk_size} is larger than the model's context window of "
-            f"{max_tokens} tokens"
-        )
     context = f"the model's context window of {max_tokens:,} tokens"
     if not config.pack_sequences:
         check_lengths(
@@ -212,6 +257,13 @@ def prepare_examples(
     check_lengths(validation, max_tokens, context)
     check_supervised(train, "train_data")
     check_supervised(validation, "the validation rows")
+    if config.chooses_epochs and not len(validation):
+        chosen = "keep_best_epoch" if config.keep_best_epoch else "early_stopping_patience"
+        raise UserInputError(
+            f"{chosen} decides on the validation loss, and there are no validation rows "
+            f"(train_data has {len(train)} rows, too few to hold any out): give "
+            f"validation_data, or more rows"
+        )
     _log_counts("train", train)
     _log_counts("validation", validation)
     return TrainingData(train, validation, folder)
@@ -222,7 +274,7 @@ def _log_counts(name: str, examples: Examples) -> None:
         return
     log(
         f"{name}: {len(examples)} rows, {examples.num_tokens:,} tokens "
-        f"({int(examples.num_supervised.sum()):,} trained on), "
+        f"({int(examples.supervised.sum()):,} trained on), "
         f"longest {int(examples.lengths.max())}"
     )
 
@@ -240,11 +292,14 @@ def log_packing(config: TrainConfig, stats: PackingStats) -> None:
 def save_weights(
     model: peft.PeftModel,
     config: TrainConfig,
+    lora: LoraSettings,
+    start: StartingAdapter | None,
     base: BaseModel,
     result: TrainResult,
     stats: PackingStats,
     runtime: float,
-) -> Path:
+) -> tuple[Path, Path]:
+    """The weights archive, and the loss curve in it."""
     out_dir = Path(tempfile.mkdtemp(prefix="llama2-training-"))
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -252,6 +307,8 @@ def save_weights(
     metadata = {
         "inputs": config.as_json(),
         "peft_method": config.peft_method,
+        "lora": lora.as_json(),
+        "lineage": start.lineage() if start else [],
         "base_model": {"source": base.public_name, **base_model_fingerprint(base.path)},
         "prompt_format": {
             "name": FORMAT_NAME,
@@ -268,7 +325,7 @@ def save_weights(
     curve = plot_losses(result.train_losses, result.validation_losses, out_dir / "loss_curve.png")
     archive = write_archive(adapter_dir, metadata, curve, out_dir / ARCHIVE_NAME)
     log(f"weights: {archive.stat().st_size / 2**20:.1f} MiB archive, runtime {runtime:.1f} s")
-    return archive
+    return archive, curve
 
 
 def name_the_base_model(adapter_config: Path, source: str) -> None:
@@ -295,4 +352,8 @@ def _results(result: TrainResult, stats: PackingStats) -> dict[str, Any]:
         "tokens_trained": result.tokens_trained,
         "supervised_tokens_trained": result.targets_trained,
         "training_seconds": result.seconds,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "kept_epoch": result.kept_epoch,
+        "stopped_after_epoch": result.stopped_after_epoch,
     }

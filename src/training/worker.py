@@ -20,18 +20,33 @@ from src.modeling import load_tokenizer
 from src.training.distributed import init_from_torchrun
 from src.training.launcher import LAUNCHER_PID_VARIABLE, read_job, write_worker_error
 from src.training.run import train_and_save
+from src.training.tracking import key_from_environment, note_canceled
 
 
 def main(job: Path) -> None:
     clock = Stopwatch()
+    wandb_api_key = key_from_environment()
     _end_with_the_launcher(int(os.environ[LAUNCHER_PID_VARIABLE]))
+    # The launcher ends a canceled training with SIGTERM: unwind (rank 0 closes its Weights &
+    # Biases run as canceled) instead of dying on the spot.
+    signal.signal(signal.SIGTERM, _stop)
     world = init_from_torchrun()
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     try:
-        config, data = read_job(job)
+        config, data, start = read_job(job)
         base = resolve_base_model()
-        archive = train_and_save(config, base, load_tokenizer(base.path), data, world, clock)
+        tokenizer = load_tokenizer(base.path)
+        archive = train_and_save(
+            config,
+            base,
+            tokenizer,
+            data,
+            world,
+            clock,
+            start,
+            wandb_api_key if world.is_main else None,
+        )
         if archive is not None:
             (job / "result.json").write_text(json.dumps({"weights": str(archive)}))
     except Exception as error:
@@ -39,6 +54,11 @@ def main(job: Path) -> None:
         raise SystemExit(1) from error
     finally:
         dist.destroy_process_group()
+
+
+def _stop(signum: int, frame: object) -> None:
+    note_canceled()
+    raise SystemExit(128 + signum)
 
 
 def _end_with_the_launcher(launcher_pid: int) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import src.artifact
+from src.adapters import WeightsStore
 from src.errors import UserInputError
 from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
 from src.serving.chat import ChatModel, build_chat_request
-from src.serving.weights import WeightsStore
 from tests.helpers import FACTS, OTHER_FACTS, serve_directory
 
 PROMPT, ANSWER = FACTS[0]

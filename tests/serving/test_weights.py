@@ -17,12 +17,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import src.artifact
+from src.adapters import WeightsStore
 from src.errors import UserInputError
 from src.modeling import Placement, load_base_model
 from src.prompt_format import encode_chat_prompt
 from src.serving.chat import ChatModel
 from src.serving.decoding import EagerDecoder
-from src.serving.weights import WeightsStore
 from tests.helpers import FACTS, serve_directory
 from tools.tiny_model import build_tiny_llama
 

@@ -92,7 +92,7 @@ def test_tokens_in_are_tokens_trained(pack, wrap):
     rows, stats = build_rows(examples, pack=pack, wrap=wrap, chunk_size=64)
     batch = collate_rows(rows, list(range(len(rows))))
     real = int(examples.lengths.sum())
-    supervised = int(examples.num_supervised.sum())
+    supervised = int(examples.supervised.sum())
     assert supervised < real - len(examples)  # the unlabelled prompt tokens count for nothing
     assert batch.num_real_tokens == stats.real_tokens == real
     assert batch.num_targets == supervised == rows.num_targets.sum()

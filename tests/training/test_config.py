@@ -31,12 +31,43 @@ DOCUMENTED_DEFAULTS = {
 }
 
 
-def test_train_declares_exactly_the_documented_inputs_and_defaults():
-    assert train_defaults() == DOCUMENTED_DEFAULTS
+# Optional inputs beyond the product page (issue 14); left at these, a training is as before.
+ADDED_DEFAULTS = {
+    "init_weights": None,
+    "keep_best_epoch": False,
+    "early_stopping_patience": 0,
+    "wandb_api_key": None,
+    "wandb_project": None,
+    "wandb_run_name": None,
+}
 
 
-def test_every_train_input_maps_to_a_config_field():
-    assert [f.name for f in dataclasses.fields(TrainConfig)] == list(train_defaults())
+def test_train_declares_the_documented_inputs_and_defaults_then_the_added_ones():
+    assert train_defaults() == DOCUMENTED_DEFAULTS | ADDED_DEFAULTS
+    assert list(train_defaults())[:18] == list(DOCUMENTED_DEFAULTS)
+
+
+def test_every_train_input_but_the_secret_maps_to_a_config_field():
+    inputs = [name for name in train_defaults() if name != "wandb_api_key"]
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == inputs
+
+
+def test_the_key_never_enters_the_config(tmp_path):
+    config = build_train_config(**inputs(tmp_path, wandb_api_key="secret-key-123"))
+    assert "secret-key-123" not in repr(config) and "secret-key-123" not in str(config.as_json())
+
+
+@pytest.mark.parametrize("choice", [{"keep_best_epoch": True}, {"early_stopping_patience": 2}])
+def test_choosing_epochs_needs_validation(tmp_path, choice):
+    with pytest.raises(UserInputError, match="decides on the validation loss: it needs run_vali"):
+        build_train_config(**inputs(tmp_path, run_validation=False, **choice))
+
+
+def test_init_weights_are_named_without_credentials_in_the_metadata(tmp_path):
+    config = build_train_config(
+        **inputs(tmp_path, init_weights="https://user:pw@example.com/w.tar?sig=abc")
+    )
+    assert config.as_json()["init_weights"] == "https://example.com/w.tar"
 
 
 def inputs(tmp_path, **overrides):

@@ -160,3 +160,51 @@ def test_no_more_processes_than_rows_per_step(monkeypatch, capsys):
     assert "4 row(s) per optimizer step, so 4 process(es) instead of 8" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert data_parallel_processes(rows_per_step=4) == 1  # a CPU
+
+
+def test_rank_zero_decides_the_epochs_and_reports_for_every_rank(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """keep_best_epoch and early stopping in 2 processes: rank 0 decides, rank 1 follows (no
+    rank is left waiting), as 1 process decides; rank 0 alone reports to Weights & Biases,
+    with the key in its environment and never in the job folder."""
+    from cog import Secret
+
+    from src.training import launcher
+    from tests.helpers import OTHER_FACTS
+    from tests.test_train_server_features import KEY, wandb_run
+
+    pairs = lambda facts: [{"prompt": p, "completion": c} for p, c in facts]  # noqa: E731
+    train = write_jsonl(tmp_path / "train.jsonl", pairs(FACTS) * 4)
+    validation = write_jsonl(tmp_path / "validation.jsonl", pairs(OTHER_FACTS))
+    job_files: list[bytes] = []
+    write_job = launcher.write_job
+
+    def keep_job_files(job, *args):
+        write_job(job, *args)
+        job_files.extend(path.read_bytes() for path in job.rglob("*") if path.is_file())
+
+    monkeypatch.setattr(launcher, "write_job", keep_job_files)
+    monkeypatch.setenv("BASE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    settings = dict(
+        SETTINGS, train_data=str(train), validation_data=str(validation), learning_rate=1e-2,
+        num_train_epochs=8, keep_best_epoch=True, early_stopping_patience=2,
+        wandb_api_key=Secret(KEY),  # as Cog hands a secret over
+    )  # fmt: skip
+    outcomes = {}
+    for processes in (1, 2):
+        monkeypatch.setenv("TRAIN_PROCESSES", str(processes))
+        metadata, weights = results(call_train(**settings, wandb_run_name=f"ranks-{processes}"))
+        outcomes[processes] = metadata["results"], weights
+    (one, one_weights), (two, two_weights) = outcomes[1], outcomes[2]
+    assert one["stopped_after_epoch"] == two["stopped_after_epoch"] == one["best_epoch"] + 2 < 8
+    assert one["kept_epoch"] == two["kept_epoch"] == one["best_epoch"] == two["best_epoch"]
+    for name, tensor in one_weights.items():  # the same epoch's weights, kept on both
+        error = (tensor - two_weights[name]).norm() / tensor.norm()
+        assert error < 1e-2, name
+    run = wandb_run(tmp_path, "ranks-2")
+    assert run["exit_code"] == 0 and run["summary"]["kept_epoch"] == two["kept_epoch"]
+    assert len([r for r in run["history"] if "train/loss" in r]) == two["optimizer_steps"]
+    assert job_files and not any(KEY.encode() in data for data in job_files)
