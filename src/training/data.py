@@ -298,6 +298,8 @@ def check_room(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> Non
     rows, tokens = size * len(lines) // sample, size * sample_tokens // sample
     disk = tokens * BYTES_PER_TOKEN
     memory = rows * MEMORY_PER_ROW + MEMORY_WORKING_SET
+    if _in_memory(folder):  # a tmpfs: the "disk" is memory too
+        memory += disk
     free_disk = shutil.disk_usage(folder).free
     free_memory = available_host_memory()
     if disk <= free_disk and memory <= free_memory:
@@ -310,6 +312,21 @@ def check_room(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> Non
         f"{_size(free_memory)} of memory is available. Split the file, or train on a machine "
         f"with more room."
     )
+
+
+def _in_memory(folder: Path, mounts_file: Path = Path("/proc/mounts")) -> bool:
+    """Whether `folder` is on a tmpfs (the deepest mount that holds it)."""
+    try:
+        mounts = [line.split()[1:3] for line in mounts_file.read_text().splitlines()]
+    except OSError:
+        return False
+    path = str(folder.resolve())
+    holding = [
+        (point, kind)
+        for point, kind in mounts
+        if path == point or path.startswith(point.rstrip("/") + "/")
+    ]
+    return max(holding, default=("", ""), key=lambda mount: len(mount[0]))[1] == "tmpfs"
 
 
 def _size(count: int) -> str:

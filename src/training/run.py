@@ -67,7 +67,7 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
     clock = Stopwatch()
     base = resolve_base_model()
     log(f"base model: {base.public_name} ({base.path})")
-    folder = Path(tempfile.mkdtemp(prefix="llama2-data-"))
+    folder = make_data_folder()
     try:
         start = None
         if config.init_weights:
@@ -87,6 +87,18 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
         return archive
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def make_data_folder() -> Path:
+    """The run's temporary folder: the tokenized data (5 bytes per token), the unpacked
+    init_weights, the data-parallel job. Under TMPDIR, as every temporary file."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="llama2-data-"))
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot create the training's data folder in {tempfile.gettempdir()} ({error}): "
+            f"set TMPDIR to a writable folder with room for 5 bytes per token of the data"
+        ) from error
 
 
 def train_and_save(

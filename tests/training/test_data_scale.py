@@ -320,6 +320,20 @@ def test_wrapping_no_examples_gives_no_rows():
     assert len(rows) == 0 and stats.rows == 0
 
 
+def test_a_folder_on_tmpfs_counts_its_data_as_memory(tmp_path):
+    """On a tmpfs the prepared tokens take memory: the deepest mount holding a folder says."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\ntmpfs /scratch tmpfs rw 0 0\n/dev/vdb /scratch/disk ext4 rw 0 0\n"
+    )
+    assert data._in_memory(Path("/scratch"), mounts)
+    assert data._in_memory(Path("/scratch/job/data"), mounts)
+    assert not data._in_memory(Path("/scratch/disk/job"), mounts)
+    assert not data._in_memory(Path("/scratchpad"), mounts) and not data._in_memory(
+        Path("/"), mounts
+    )
+
+
 def test_a_big_file_that_fits_is_read(tokenizer, tmp_path):
     assert len(prepare(big_file(tmp_path / "big.jsonl"), tokenizer, tmp_path)) == 1500
 
