@@ -449,3 +449,20 @@ def test_failing_setup_is_exposed(tmp_path: Path) -> None:
         assert server.setup_failed
         status, _ = server.post("/predictions", {"input": {"prompt": "a"}})
     assert status == 503
+
+
+def test_the_project_schema_shows_the_added_training_inputs_as_optional(tmp_path: Path) -> None:
+    """The 18 documented inputs, then the 6 of issue 14, none of them required; the key a
+    write-only secret."""
+    project = Path(__file__).resolve().parent.parent
+    (tmp_path / "train.py").write_text((project / "train.py").read_text())
+    (tmp_path / "src").symlink_to(project / "src")
+    schema = load(write_openapi_schema(tmp_path, None, "train.py:train"))
+    inputs = schema["components"]["schemas"]["TrainingInput"]
+    assert inputs["required"] == ["train_data"]
+    names = sorted(inputs["properties"], key=lambda name: inputs["properties"][name]["x-order"])
+    added = ["init_weights", "keep_best_epoch", "early_stopping_patience", "wandb_api_key",
+             "wandb_project", "wandb_run_name"]  # fmt: skip
+    assert len(names) == 24 and names[18:] == added
+    key = inputs["properties"]["wandb_api_key"]
+    assert key["x-cog-secret"] and key["writeOnly"] and key["format"] == "password"
