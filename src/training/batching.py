@@ -14,6 +14,7 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ import torch
 from src.prompt_format import IGNORE_INDEX
 from src.seeds import derive_seed
 from src.training.examples import Examples
+
+ROW_ARRAYS = ("begins", "ends", "limits", "offsets", "segment_targets")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,16 @@ class Rows:
         starts, stops = self.offsets[rows], self.offsets[rows + 1]
         counts = stops - starts
         return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+
+    def save(self, folder: Path) -> None:
+        """Into a data-parallel job's folder, so that workers map the rows, not pack again."""
+        for name in ROW_ARRAYS:
+            np.save(folder / f"rows.{name}.npy", getattr(self, name))
+
+    @classmethod
+    def open(cls, folder: Path, examples: Examples) -> "Rows":
+        arrays = {name: np.load(folder / f"rows.{name}.npy", mmap_mode="r") for name in ROW_ARRAYS}
+        return cls(examples, **arrays)
 
     @property
     def longest_segment(self) -> int:

@@ -25,6 +25,7 @@ import torch
 
 from src.errors import UserInputError
 from src.log import log
+from src.training.batching import PackingStats, Rows
 from src.training.config import TrainConfig
 from src.training.continuation import StartingAdapter
 from src.training.data import TrainingData
@@ -64,13 +65,14 @@ def launch_workers(
     config: TrainConfig,
     data: TrainingData,
     processes: int,
+    packed: tuple[Rows, PackingStats],
     start: StartingAdapter | None = None,
     wandb_api_key: str | None = None,
 ) -> Path:
     """Train in `processes` torchrun workers; return the weights archive that rank 0 wrote.
     A Weights & Biases key goes in the workers' environment, never into the job folder."""
     job = data.folder
-    write_job(job, config, data, start)
+    write_job(job, config, data, packed, start)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={processes}", "-m", "src.training.worker", str(job),
@@ -164,18 +166,26 @@ def write_worker_error(job: Path, rank: int, error: BaseException) -> None:
 
 
 def write_job(
-    job: Path, config: TrainConfig, data: TrainingData, start: StartingAdapter | None = None
+    job: Path,
+    config: TrainConfig,
+    data: TrainingData,
+    packed: tuple[Rows, PackingStats],
+    start: StartingAdapter | None = None,
 ) -> None:
-    """The config, the split and the adapter to continue into `job`, the folder that already
-    holds the examples (and the unpacked init_weights)."""
+    """The config, the split, the packed rows and the adapter to continue into `job`, the
+    folder that already holds the examples (and the unpacked init_weights)."""
     values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     (job / "config.json").write_text(json.dumps(values))
+    rows, stats = packed
+    rows.save(job)
     split = {"train": data.train.describe(), "validation": data.validation.describe()}
-    split["init_weights"] = start.describe() if start else None
+    split |= {"packing": asdict(stats), "init_weights": start.describe() if start else None}
     (job / "data.json").write_text(json.dumps(split))
 
 
-def read_job(job: Path) -> tuple[TrainConfig, TrainingData, StartingAdapter | None]:
+def read_job(
+    job: Path,
+) -> tuple[TrainConfig, TrainingData, tuple[Rows, PackingStats], StartingAdapter | None]:
     values = json.loads((job / "config.json").read_text())
     for field in fields(TrainConfig):
         if field.name in ("train_data", "validation_data") and values[field.name] is not None:
@@ -183,7 +193,8 @@ def read_job(job: Path) -> tuple[TrainConfig, TrainingData, StartingAdapter | No
     split = json.loads((job / "data.json").read_text())
     train, validation = (_open(job, split[name]) for name in ("train", "validation"))
     start = StartingAdapter.open(split["init_weights"]) if split["init_weights"] else None
-    return TrainConfig(**values), TrainingData(train, validation, job), start
+    packed = Rows.open(job, train), PackingStats(**split["packing"])
+    return TrainConfig(**values), TrainingData(train, validation, job), packed, start
 
 
 def _open(job: Path, where: dict) -> Examples:

@@ -79,7 +79,7 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
         rows_per_step = min(config.train_batch_size, len(packed[0]))
         processes = data_parallel_processes(rows_per_step)
         if processes > 1:
-            return launch_workers(config, data, processes, start, wandb_api_key)
+            return launch_workers(config, data, processes, packed, start, wandb_api_key)
         archive = train_and_save(
             config, base, tokenizer, data, World(), clock, start, wandb_api_key, packed
         )

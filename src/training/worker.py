@@ -34,7 +34,7 @@ def main(job: Path) -> None:
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     try:
-        config, data, start = read_job(job)
+        config, data, packed, start = read_job(job)
         base = resolve_base_model()
         tokenizer = load_tokenizer(base.path)
         archive = train_and_save(
@@ -46,6 +46,7 @@ def main(job: Path) -> None:
             clock,
             start,
             wandb_api_key if world.is_main else None,
+            packed,
         )
         if archive is not None:
             (job / "result.json").write_text(json.dumps({"weights": str(archive)}))

@@ -17,7 +17,7 @@ import pytest
 
 from src.errors import UserInputError
 from src.training import data
-from src.training.batching import build_rows, collate, epoch_order, optimizer_steps
+from src.training.batching import ROW_ARRAYS, build_rows, collate, epoch_order, optimizer_steps
 from src.training.examples import Examples
 from src.training.launcher import read_job, write_job
 from src.training.memory import HOST_MEMORY_VARIABLE
@@ -350,10 +350,17 @@ def test_workers_map_the_examples_the_parent_wrote(tokenizer, tmp_path):
     folder.mkdir()
     prepared = prepare_examples(config, tokenizer, 4096, folder)
     files = sorted(p.name for p in folder.iterdir())
-    write_job(folder, config, prepared)
-    _, job, start = read_job(folder)
-    assert start is None
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*files, "config.json", "data.json"])
+    rows, stats = build_rows(prepared.train, True, False, 4096)
+    write_job(folder, config, prepared, (rows, stats))
+    _, job, (job_rows, job_stats), start = read_job(folder)
+    assert start is None and job_stats == stats
+    row_files = [f"rows.{name}.npy" for name in ROW_ARRAYS]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*files, *row_files, "config.json", "data.json"]
+    )
+    for name in ROW_ARRAYS:  # the parent's packing, mapped: no worker packs again
+        assert isinstance(getattr(job_rows, name), np.memmap)
+        assert getattr(job_rows, name).tolist() == getattr(rows, name).tolist()
     for mine, theirs in ((job.train, prepared.train), (job.validation, prepared.validation)):
         assert isinstance(mine.input_ids, np.memmap) and isinstance(mine.trained, np.memmap)
         assert Path(mine.input_ids.filename) == folder / "train_data.input_ids"
