@@ -152,6 +152,7 @@ def add_lora(
     dropout: float,
     quantized: bool,
     target_modules: list[str] | tuple[str, ...] = tuple(LORA_TARGET_MODULES),
+    use_rslora: bool = False,
 ) -> PeftModel:
     """Trainable LoRA adapters on every linear projection of the decoder (or on
     `target_modules`, those of an adapter being continued); the base stays frozen."""
@@ -160,6 +161,7 @@ def add_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),
+        use_rslora=use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )

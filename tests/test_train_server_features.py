@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from peft import PeftModel
 
 from src.artifact import read_archive
@@ -328,3 +329,101 @@ def test_without_a_key_nothing_is_imported(base_model_env, facts_file):
         cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+# --- the same, in-process: what the server tests do not reach ------------------------------
+
+
+def rewritten(archive: Path, out: Path, member: str, change) -> Path:
+    """A copy of a weights archive with one JSON member changed by `change(values)`."""
+    with tarfile.open(archive) as source, tarfile.open(out, "w") as copy:
+        for info in source.getmembers():
+            data = source.extractfile(info).read()
+            if info.name == member:
+                values = json.loads(data)
+                change(values)
+                data = json.dumps(values).encode()
+            info.size = len(data)
+            copy.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_rslora_is_continued_and_other_lora_variants_are_refused(
+    base_model_env, facts_archive, facts_file, tmp_path
+):
+    from tests.helpers import call_train
+
+    rslora = rewritten(
+        facts_archive, tmp_path / "rs.tar", "adapter_config.json",
+        lambda values: values.update(use_rslora=True),
+    )  # fmt: skip
+    archive = call_train(
+        train_data=str(facts_file), init_weights=str(rslora), num_train_epochs=1,
+        run_validation=False,
+    )  # fmt: skip
+    with tarfile.open(archive) as tar:
+        assert json.load(tar.extractfile("adapter_config.json"))["use_rslora"] is True
+    assert metadata_of(archive)["lora"]["use_rslora"] is True
+    dora = rewritten(
+        facts_archive, tmp_path / "dora.tar", "adapter_config.json",
+        lambda values: values.update(use_dora=True),
+    )  # fmt: skip
+    with pytest.raises(Exception, match="an adapter with use_dora cannot be continued"):
+        call_train(train_data=str(facts_file), init_weights=str(dora))
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch, base_model_env) -> Path:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_a_failed_training_closes_its_run_as_failed_with_the_key_masked(
+    offline_wandb, facts_file, monkeypatch
+):
+    from cog import Secret
+
+    import src.training.run
+    from tests.helpers import call_train
+
+    def failing(*args, **kwargs):
+        raise RuntimeError(f"something broke near {KEY}")
+
+    monkeypatch.setattr(src.training.run, "train_adapter", failing)
+    with pytest.raises(RuntimeError, match="something broke"):
+        call_train(train_data=str(facts_file), wandb_api_key=Secret(KEY), wandb_run_name="failing")
+    run = wandb_run(offline_wandb, "failing")
+    assert run["exit_code"] == 1 and run["summary"]["status"] == "failed"
+    assert run["summary"]["error"] == "RuntimeError: something broke near ***"
+
+
+def test_a_reporting_error_never_fails_the_training(offline_wandb, facts_file, monkeypatch, capsys):
+    from cog import Secret
+
+    from src.training.tracking import WandbTracker
+    from tests.helpers import call_train
+
+    def broken(self, step, values):
+        raise ConnectionError(f"upload failed for {KEY}")
+
+    monkeypatch.setattr(WandbTracker, "log_step", broken)
+    call_train(
+        train_data=str(facts_file), num_train_epochs=1, run_validation=False,
+        wandb_api_key=Secret(KEY), wandb_run_name="broken",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Weights & Biases: reporting stopped (upload failed for ***)" in out
+    assert KEY not in out
+
+
+def test_patience_running_out_on_the_last_epoch_is_not_an_early_stop():
+    from src.training.loop import EpochChoice
+
+    model = torch.nn.Linear(1, 1)
+    choice = EpochChoice(keep_best=False, patience=1, epochs=3)
+    assert not choice.after_epoch(1, 1.0, model)
+    assert choice.after_epoch(2, 2.0, model) and choice.stopped_after == 2  # 1 epoch left
+    choice = EpochChoice(keep_best=False, patience=1, epochs=2)
+    assert not choice.after_epoch(1, 1.0, model)
+    assert not choice.after_epoch(2, 2.0, model) and choice.stopped_after is None

@@ -27,6 +27,8 @@ from src.modeling import LORA_TARGET_MODULES
 from src.training.config import TrainConfig
 
 PEFT_DEFAULT_ALPHA = 8  # what peft assumes when an adapter_config.json has no lora_alpha
+# LoRA variants whose weights alone do not say how they compute: refused, not approximated
+UNSUPPORTED_LORA_KEYS = ("use_dora", "alpha_pattern", "rank_pattern", "layers_to_transform")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class LoraSettings:
     alpha: int
     dropout: float
     target_modules: tuple[str, ...] = tuple(LORA_TARGET_MODULES)
+    use_rslora: bool = False  # scale alpha / sqrt(rank): kept from a continued adapter
 
     def as_json(self) -> dict:
         return {
@@ -44,6 +47,7 @@ class LoraSettings:
             "alpha": self.alpha,
             "dropout": self.dropout,
             "target_modules": list(self.target_modules),
+            "use_rslora": self.use_rslora,
         }
 
 
@@ -95,23 +99,32 @@ def fetch_starting_adapter(source: str, base: BaseModel, folder: Path) -> Starti
     return StartingAdapter(described, adapter.folder, adapter.metadata)
 
 
-def lora_settings(config: TrainConfig, start: StartingAdapter | None) -> LoraSettings:
+def lora_settings(
+    config: TrainConfig, start: StartingAdapter | None, announce: bool = True
+) -> LoraSettings:
     """The inputs' LoRA, or the continued adapter's rank, alpha and target modules (the
     dropout is the input's: it is how this training trains, not what the adapter is)."""
     asked = LoraSettings(config.lora_rank, config.lora_alpha, config.lora_dropout)
     if start is None:
         return asked
     values = start.config
+    unsupported = [key for key in UNSUPPORTED_LORA_KEYS if values.get(key)]
+    if unsupported:
+        raise UserInputError(
+            f"init_weights {start.source}: an adapter with {', '.join(unsupported)} cannot be "
+            f"continued here (plain LoRA, or rsLoRA, on whole layers only)"
+        )
     rank, alpha = int(values["r"]), int(values.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     targets = values.get("target_modules") or LORA_TARGET_MODULES
     targets = tuple(sorted([targets] if isinstance(targets, str) else targets))
-    continued = LoraSettings(rank, alpha, config.lora_dropout, targets)
-    if (rank, alpha) != (asked.rank, asked.alpha):
+    rslora = bool(values.get("use_rslora", False))
+    continued = LoraSettings(rank, alpha, config.lora_dropout, targets, rslora)
+    if announce and (rank, alpha) != (asked.rank, asked.alpha):
         log(
             f"init_weights: continuing its adapter of rank {rank} and alpha {alpha} (lora_rank "
             f"{asked.rank} and lora_alpha {asked.alpha} are not used)"
         )
-    if set(targets) != set(LORA_TARGET_MODULES):
+    if announce and set(targets) != set(LORA_TARGET_MODULES):
         log(f"init_weights: its adapter adapts {', '.join(targets)}; those are trained")
     return continued
 

@@ -30,11 +30,12 @@ from src.training.config import TrainConfig
 from src.training.continuation import StartingAdapter
 from src.training.data import TrainingData
 from src.training.examples import Examples
-from src.training.tracking import KEY_VARIABLE
+from src.training.tracking import KEY_FILE_VARIABLE, hand_over_key
 
 PROCESSES_VARIABLE = "TRAIN_PROCESSES"  # overrides the number of processes (default: GPUs)
 LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # workers end themselves when it is gone
 STOP_GRACE_S = 10
+CANCELED = "canceled"  # in the job folder: the launcher is stopping the workers
 
 
 def data_parallel_processes(rows_per_step: int) -> int:
@@ -70,7 +71,8 @@ def launch_workers(
     wandb_api_key: str | None = None,
 ) -> Path:
     """Train in `processes` torchrun workers; return the weights archive that rank 0 wrote.
-    A Weights & Biases key goes in the workers' environment, never into the job folder."""
+    A Weights & Biases key goes to rank 0 in a file of its own (src/training/tracking.py),
+    never into the job folder or an environment."""
     job = data.folder
     write_job(job, config, data, packed, start)
     command = [
@@ -79,9 +81,10 @@ def launch_workers(
     ]  # fmt: skip
     env = dict(os.environ)
     env[LAUNCHER_PID_VARIABLE] = str(os.getpid())
-    env.pop(KEY_VARIABLE, None)
-    if wandb_api_key:
-        env[KEY_VARIABLE] = wandb_api_key
+    env.pop(KEY_FILE_VARIABLE, None)
+    key_file = hand_over_key(wandb_api_key) if wandb_api_key else None
+    if key_file is not None:
+        env[KEY_FILE_VARIABLE] = str(key_file)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     log(f"launching {processes} training processes")
     process = subprocess.Popen(
@@ -94,9 +97,11 @@ def launch_workers(
             raise _worker_failure(job, process.returncode)
         return Path(json.loads((job / "result.json").read_text())["weights"])
     finally:
-        _stop(process)
-        for report in [*job.glob("error-rank*.json"), job / "result.json"]:
+        _stop(process, job)
+        for report in [*job.glob("error-rank*.json"), job / "result.json", job / CANCELED]:
             report.unlink(missing_ok=True)
+        if key_file is not None:
+            key_file.unlink(missing_ok=True)  # if rank 0 never started to read and delete it
 
 
 def _relay_output(process: subprocess.Popen[str]) -> None:
@@ -121,10 +126,12 @@ def _relay_output(process: subprocess.Popen[str]) -> None:
     process.wait()
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    """End torchrun and its workers: SIGTERM to the process group, SIGKILL after a grace time."""
+def _stop(process: subprocess.Popen[str], job: Path) -> None:
+    """End torchrun and its workers: SIGTERM to the process group, SIGKILL after a grace time.
+    The marker written first tells rank 0 that this is a cancel, not a failure."""
     if process.poll() is not None:
         return
+    (job / CANCELED).touch()
     log("stopping the training processes")
     for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
         try:

@@ -58,6 +58,7 @@ class TrainResult:
     seconds: float = 0.0
     epochs_run: int = 0
     best_epoch: int | None = None  # lowest validation loss, when epochs are chosen
+    best_validation_loss: float | None = None
     kept_epoch: int | None = None  # the epoch whose adapter is the output, with keep_best_epoch
     stopped_after_epoch: int | None = None  # early stopping
 
@@ -105,7 +106,9 @@ def train_adapter(
     step = _Step(model, train_rows, optimizer, scheduler, forwards, device, world, tracker)
     progress = _Progress(total_steps)
     result = TrainResult()
-    choice = EpochChoice(config.keep_best_epoch, config.early_stopping_patience)
+    choice = EpochChoice(
+        config.keep_best_epoch, config.early_stopping_patience, config.num_train_epochs
+    )
     try:
         for epoch in range(config.num_train_epochs):
             skipped_before = result.skipped_steps
@@ -147,6 +150,7 @@ class EpochChoice:
 
     keep_best: bool
     patience: int  # 0: never stop early
+    epochs: int  # planned
     best_loss: float = math.inf
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None  # the LoRA weights of the best epoch
@@ -169,7 +173,7 @@ class EpochChoice:
                 f"{self.best_epoch}'s {self.best_loss:.4f}"
             )
         waited = epoch - (self.best_epoch or 0)
-        if self.patience and waited >= self.patience:
+        if self.patience and waited >= self.patience and epoch < self.epochs:
             self.stopped_after = epoch
             log(f"stopping after epoch {epoch}: no improvement for {waited} epoch(s)")
             return True
@@ -178,6 +182,10 @@ class EpochChoice:
     def finish(self, model: PeftModel, result: TrainResult, tracker: Tracker) -> None:
         """Put the best epoch's weights back (keep_best_epoch) and record the decisions."""
         result.best_epoch, result.stopped_after_epoch = self.best_epoch, self.stopped_after
+        if self.best_epoch is not None:
+            result.best_validation_loss = self.best_loss
+        elif self.keep_best:
+            log("keep_best_epoch: no epoch had a validation loss (all NaN); keeping the last")
         if self.keep_best and self.best_state is not None:
             with torch.no_grad():
                 for name, parameter in model.named_parameters():

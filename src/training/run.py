@@ -72,7 +72,8 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
         start = None
         if config.init_weights:
             start = fetch_starting_adapter(config.init_weights, base, folder / "init_weights")
-        check_adapter_size(lora_settings(config, start).rank, read_model_config(base.path))
+        lora = lora_settings(config, start)
+        check_adapter_size(lora.rank, read_model_config(base.path))
         tokenizer = load_tokenizer(base.path)
         data = prepare_examples(config, tokenizer, context_window(base.path), folder)
         packed = pack(config, data)
@@ -81,7 +82,7 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
         if processes > 1:
             return launch_workers(config, data, processes, packed, start, wandb_api_key)
         archive = train_and_save(
-            config, base, tokenizer, data, World(), clock, start, wandb_api_key, packed
+            config, base, tokenizer, data, World(), clock, start, wandb_api_key, packed, lora
         )
         assert archive is not None  # a single process is rank 0
         return archive
@@ -111,10 +112,12 @@ def train_and_save(
     start: StartingAdapter | None = None,
     wandb_api_key: str | None = None,
     packed: tuple[Rows, PackingStats] | None = None,
+    lora: LoraSettings | None = None,
 ) -> Path | None:
     """Pack (unless `packed` already is), load the base, add LoRA (or continue `start`),
-    train; rank 0 reports to Weights & Biases with a key, and returns the weights archive."""
-    lora = lora_settings(config, start)
+    train; rank 0 reports to Weights & Biases with a key, and returns the weights archive.
+    A worker works out `lora` again, silently: its launcher announced it."""
+    lora = lora or lora_settings(config, start, announce=False)
     tracker = Tracker()
     if world.is_main:
         inputs = {**config.as_json(), "lora": lora.as_json(), "base_model": base.public_name}
@@ -171,8 +174,9 @@ def _train_and_save(
         )
         torch.manual_seed(derive_seed(config.seed, "lora init"))  # the same on every rank
         model = add_lora(
-            model, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit, lora.target_modules
-        )
+            model, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit,
+            lora.target_modules, lora.use_rslora,
+        )  # fmt: skip
         if start is not None:
             load_starting_weights(model, start)
         torch.manual_seed(dropout_seed(config.seed, world.rank))
@@ -366,6 +370,7 @@ def _results(result: TrainResult, stats: PackingStats) -> dict[str, Any]:
         "training_seconds": result.seconds,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
+        "best_validation_loss": result.best_validation_loss,
         "kept_epoch": result.kept_epoch,
         "stopped_after_epoch": result.stopped_after_epoch,
     }

@@ -4,27 +4,32 @@ Without a key nothing is imported or contacted (`Tracker` does nothing). With on
 gets the inputs (never the key), the training loss, learning rate and tokens/s of every step,
 the validation loss and answer of every epoch, the epoch decisions, the loss curve, and an
 end: finished, failed or canceled. The key goes to wandb in its settings, not through the
-environment or a login (which would write it to ~/.netrc); to data-parallel workers it goes
-in their environment only, never in the job folder.
+environment or a login (which would write it to ~/.netrc); to a data-parallel rank 0 it goes
+in a file readable by the user alone, outside the job folder, deleted once read. Reporting
+never fails a training: an error of wandb's is logged (the key masked) and reporting stops,
+and closing a run waits a bounded time.
 """
 
 import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from src.errors import UserInputError
 from src.log import log
 
-KEY_VARIABLE = "WANDB_API_KEY"  # how the launcher hands the key to rank 0's process
+KEY_FILE_VARIABLE = "TRAIN_WANDB_KEY_FILE"  # where the launcher left the key for rank 0
 DEFAULT_PROJECT = "llama-2-chat-fine-tuning"
-_canceled = False  # set by a worker told to stop: what fails next is the cancel's doing
+FINISH_TIMEOUT_S = {"finished": 60.0, "failed": 5.0, "canceled": 5.0}  # within the grace
+_cancel_marker: Path | None = None  # a worker's: the launcher writes it before stopping it
 
 
-def note_canceled() -> None:
-    """This process is being stopped (a data-parallel worker got SIGTERM): a run that fails
-    from now on was canceled, even if what raises is a collective whose peer has gone."""
-    global _canceled
-    _canceled = True
+def watch_for_cancel(marker: Path) -> None:
+    """In a data-parallel worker: the run was canceled if `marker` exists when it fails
+    (whether SIGTERM or a collective whose peer has gone ends it first)."""
+    global _cancel_marker
+    _cancel_marker = marker
 
 
 class Tracker:
@@ -83,17 +88,63 @@ class WandbTracker(Tracker):
     def finish(self, loss_curve: Path | None = None) -> None:
         if loss_curve is not None:
             self.run.log({"loss_curve": self.wandb.Image(str(loss_curve))})
-        self.run.summary["status"] = "finished"
-        self.run.finish(exit_code=0)
+        self._close("finished", None)
 
     def fail(self, error: BaseException) -> None:
-        canceled = _canceled or not isinstance(error, Exception)  # Cog's cancel, SIGTERM
-        self.run.summary["status"] = "canceled" if canceled else "failed"
-        self.run.summary["error"] = self.redact(f"{type(error).__name__}: {error}")[:1000]
-        self.run.finish(exit_code=1)
+        canceled = not isinstance(error, Exception)  # Cog's cancel, SIGTERM, Ctrl-C
+        canceled |= _cancel_marker is not None and _cancel_marker.exists()
+        self._close("canceled" if canceled else "failed", error)
+
+    def _close(self, status: str, error: BaseException | None) -> None:
+        """Record how the run ended and close it, waiting at most FINISH_TIMEOUT_S."""
+        self.run.summary["status"] = status
+        if error is not None:
+            self.run.summary["error"] = self.redact(f"{type(error).__name__}: {error}")[:1000]
+        closing = threading.Thread(
+            target=self.run.finish, kwargs={"exit_code": 0 if error is None else 1}, daemon=True
+        )
+        closing.start()
+        closing.join(FINISH_TIMEOUT_S[status])
+        if closing.is_alive():
+            log(f"Weights & Biases: the run did not close within {FINISH_TIMEOUT_S[status]:.0f} s")
+        os.environ.pop("WANDB_SERVICE", None)  # not for the next training in this process
 
     def redact(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
+
+
+class _Guarded(Tracker):
+    """A tracker whose failures are logged, never raised: reporting must not fail a
+    training. After its first error it reports nothing more."""
+
+    def __init__(self, tracker: WandbTracker) -> None:
+        self.tracker: WandbTracker | None = tracker
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as error:
+            log(f"Weights & Biases: reporting stopped ({self.tracker.redact(str(error))})")
+            self.tracker = None
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        self._call("log_step", step, values)
+
+    def log_epoch(self, step: int, epoch: int, values: dict[str, Any]) -> None:
+        self._call("log_epoch", step, epoch, values)
+
+    def note(self, values: dict[str, Any]) -> None:
+        self._call("note", values)
+
+    def finish(self, loss_curve: Path | None = None) -> None:
+        self._call("finish", loss_curve)
+        self.tracker = None
+
+    def fail(self, error: BaseException) -> None:
+        self._call("fail", error)
+        self.tracker = None
 
 
 def start_tracking(key: str | None, project: str | None, name: str | None, inputs: dict) -> Tracker:
@@ -103,13 +154,28 @@ def start_tracking(key: str | None, project: str | None, name: str | None, input
             log("note: wandb_project and wandb_run_name are not used without wandb_api_key")
         return Tracker()
     try:
-        return WandbTracker(key, project, name, inputs)
+        return _Guarded(WandbTracker(key, project, name, inputs))
     except Exception as error:
         message = str(error).replace(key, "***")
         raise UserInputError(f"Weights & Biases could not start a run: {message}") from None
 
 
-def key_from_environment() -> str | None:
-    """The key the launcher handed to this worker, removed from the environment at once so
-    that nothing this process starts inherits it."""
-    return os.environ.pop(KEY_VARIABLE, None)
+def hand_over_key(key: str) -> Path:
+    """A file holding the key, readable by this user alone, outside any job folder: for the
+    launcher to name to rank 0 (environments are readable in /proc for the process's life)."""
+    descriptor, name = tempfile.mkstemp(prefix="llama2-wandb-")  # created 0600
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key)
+    return Path(name)
+
+
+def key_for_this_worker(is_main: bool) -> str | None:
+    """Rank 0 reads the key the launcher left and deletes the file; other ranks never read it."""
+    name = os.environ.pop(KEY_FILE_VARIABLE, None)
+    if not name or not is_main:
+        return None
+    path = Path(name)
+    try:
+        return path.read_text()
+    finally:
+        path.unlink(missing_ok=True)

@@ -18,19 +18,20 @@ from src.base_model import resolve_base_model
 from src.log import Stopwatch
 from src.modeling import load_tokenizer
 from src.training.distributed import init_from_torchrun
-from src.training.launcher import LAUNCHER_PID_VARIABLE, read_job, write_worker_error
+from src.training.launcher import CANCELED, LAUNCHER_PID_VARIABLE, read_job, write_worker_error
 from src.training.run import train_and_save
-from src.training.tracking import key_from_environment, note_canceled
+from src.training.tracking import key_for_this_worker, watch_for_cancel
 
 
 def main(job: Path) -> None:
     clock = Stopwatch()
-    wandb_api_key = key_from_environment()
     _end_with_the_launcher(int(os.environ[LAUNCHER_PID_VARIABLE]))
     # The launcher ends a canceled training with SIGTERM: unwind (rank 0 closes its Weights &
-    # Biases run as canceled) instead of dying on the spot.
+    # Biases run, as canceled if the launcher's marker is there) instead of dying on the spot.
     signal.signal(signal.SIGTERM, _stop)
+    watch_for_cancel(job / CANCELED)
     world = init_from_torchrun()
+    wandb_api_key = key_for_this_worker(world.is_main)
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     try:
@@ -45,7 +46,7 @@ def main(job: Path) -> None:
             world,
             clock,
             start,
-            wandb_api_key if world.is_main else None,
+            wandb_api_key,
             packed,
         )
         if archive is not None:
@@ -58,7 +59,7 @@ def main(job: Path) -> None:
 
 
 def _stop(signum: int, frame: object) -> None:
-    note_canceled()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: torchrun may send it again
     raise SystemExit(128 + signum)
 
 
