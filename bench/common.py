@@ -5,6 +5,8 @@ import math
 import platform
 import random
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 
 from src.training.examples import Examples, count_targets
 
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 MIN_TOKENS, MAX_TOKENS = 20, 2000
 MEDIAN_TOKENS, SIGMA = 250, 0.9  # log-normal: most rows short, a long tail to 2,000
 
@@ -86,8 +89,21 @@ def machine() -> str:
 
 
 def emit(result: dict) -> None:
-    """A worker's result, on the last line of its stdout, for bench.run to read."""
+    """A worker's result, on the last line of its stdout, for `run_module` to read."""
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_module(module: str, args: list[str]) -> dict:
+    """`python -m module args` in a process of its own (its memory and timings its own);
+    returns what it emitted."""
+    command = [sys.executable, "-m", module, *args]
+    done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(
+            f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def model_config(model_dir: Path) -> dict:

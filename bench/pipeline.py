@@ -26,18 +26,15 @@ Runs alternate (stage, tokenizer, stage, ...), since this machine's timings drif
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import MEDIAN_TOKENS, emit, mixed_lengths, peak_rss_mib
+from bench.common import MEDIAN_TOKENS, emit, mixed_lengths, peak_rss_mib, run_module
 from tools.tiny_model import TOKENIZER_FIXTURE
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 VOCABULARY = (
     "llama alpaca vicuna mountain river valley quick brown fox jumps over the lazy dog model "
     "train data token batch learning rate adapter weights chat answer question because "
@@ -160,14 +157,7 @@ def _median(results: list[dict], key: str) -> float:
 
 
 def _run(what: str, path: Path) -> dict:
-    command = [sys.executable, "-m", "bench.pipeline", "--only", what, "--file", str(path)]
-    done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(
-            f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-        )
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_module("bench.pipeline", ["--only", what, "--file", str(path)])
 
 
 def main() -> None:

@@ -10,15 +10,19 @@ stays in one process). Writes results.json and results.md into --out.
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from bench import inference, pipeline, training
-from bench.common import machine, model_config, peak_matmul_gflops, training_flops_per_token
+from bench.common import (
+    PROJECT_DIR,
+    machine,
+    model_config,
+    peak_matmul_gflops,
+    run_module,
+    training_flops_per_token,
+)
 from tools.tiny_model import build_tiny_llama
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 PIPELINE_MEDIANS = (250, 40)  # tokens per row: the training set's spread, and chat-sized rows
 FULL = {
     "train_model": "100m",
@@ -87,14 +91,7 @@ def _in_process(module, args: list[str], call) -> dict:
 
 
 def _in_subprocess(module, args: list[str], call) -> dict:
-    command = [sys.executable, "-m", module.__name__, *args]
-    done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(
-            f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-        )
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_module(module.__name__, args)
 
 
 def add_ratios_and_mfu(results: dict, config: dict) -> None:
