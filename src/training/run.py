@@ -55,7 +55,7 @@ from src.training.examples import Examples
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt_tokens
 from src.training.memory import plan_for_device
-from src.training.tracking import Tracker, start_tracking
+from src.training.tracking import reporting
 
 
 def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
@@ -118,32 +118,6 @@ def train_and_save(
     train; rank 0 reports to Weights & Biases with a key, and returns the weights archive.
     A worker works out `lora` again, silently: its launcher announced it."""
     lora = lora or lora_settings(config, start, announce=False)
-    tracker = Tracker()
-    if world.is_main:
-        inputs = {**config.as_json(), "lora": lora.as_json(), "base_model": base.public_name}
-        tracker = start_tracking(wandb_api_key, config.wandb_project, config.wandb_run_name, inputs)
-    try:
-        archive = _train_and_save(
-            config, base, tokenizer, data, world, clock, start, lora, tracker, packed
-        )
-    except BaseException as error:
-        tracker.fail(error)
-        raise
-    return archive
-
-
-def _train_and_save(
-    config: TrainConfig,
-    base: BaseModel,
-    tokenizer: Any,
-    data: TrainingData,
-    world: World,
-    clock: Stopwatch,
-    start: StartingAdapter | None,
-    lora: LoraSettings,
-    tracker: Tracker,
-    packed: tuple[Rows, PackingStats] | None,
-) -> Path | None:
     train_rows, stats = packed or pack(config, data)
     log_packing(config, stats)
     validation_rows, _ = build_rows(data.validation, pack=False, wrap=False, chunk_size=0)
@@ -163,39 +137,42 @@ def _train_and_save(
     if world.is_main:
         log(forwards.describe())
 
+    inputs = {**config.as_json(), "lora": lora.as_json(), "base_model": base.public_name}
+    key = wandb_api_key if world.is_main else None
     model = None
-    try:
-        loading = Stopwatch()
-        model = load_base_model(base.path, config.quantize_4bit, placement)
-        log(
-            f"loaded {model.num_parameters():,} base parameters on {placement.device} "
-            f"({'4-bit NF4' if config.quantize_4bit else placement.dtype}) in "
-            f"{loading.elapsed():.1f} s"
-        )
-        torch.manual_seed(derive_seed(config.seed, "lora init"))  # the same on every rank
-        model = add_lora(
-            model, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit,
-            lora.target_modules, lora.use_rslora,
-        )  # fmt: skip
-        if start is not None:
-            load_starting_weights(model, start)
-        torch.manual_seed(dropout_seed(config.seed, world.rank))
-        result = train_adapter(
-            model, tokenizer, train_rows, validation_rows, config, forwards, placement.device,
-            world, tracker,
-        )  # fmt: skip
-        if not world.is_main:
-            return None
-        archive, curve = save_weights(
-            model, config, lora, start, base, result, stats, clock.elapsed()
-        )
-        tracker.finish(curve)
-        return archive
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with reporting(key, config.wandb_project, config.wandb_run_name, inputs) as tracker:
+        try:
+            loading = Stopwatch()
+            model = load_base_model(base.path, config.quantize_4bit, placement)
+            log(
+                f"loaded {model.num_parameters():,} base parameters on {placement.device} "
+                f"({'4-bit NF4' if config.quantize_4bit else placement.dtype}) in "
+                f"{loading.elapsed():.1f} s"
+            )
+            torch.manual_seed(derive_seed(config.seed, "lora init"))  # the same on every rank
+            model = add_lora(
+                model, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit,
+                lora.target_modules, lora.use_rslora,
+            )  # fmt: skip
+            if start is not None:
+                load_starting_weights(model, start)
+            torch.manual_seed(dropout_seed(config.seed, world.rank))
+            result = train_adapter(
+                model, tokenizer, train_rows, validation_rows, config, forwards,
+                placement.device, world, tracker,
+            )  # fmt: skip
+            if not world.is_main:
+                return None
+            archive, curve = save_weights(
+                model, config, lora, start, base, result, stats, clock.elapsed()
+            )
+            tracker.finish(curve)
+            return archive
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def pack(config: TrainConfig, data: TrainingData) -> tuple[Rows, PackingStats]:

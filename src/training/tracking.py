@@ -13,6 +13,8 @@ and closing a run waits a bounded time.
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,20 @@ def hand_over_key(key: str) -> Path:
     with os.fdopen(descriptor, "w") as file:
         file.write(key)
     return Path(name)
+
+
+@contextmanager
+def reporting(
+    key: str | None, project: str | None, name: str | None, inputs: dict
+) -> Iterator[Tracker]:
+    """A tracker for the block (see `start_tracking`); the run is closed as failed or canceled
+    if the block raises. A successful block closes it itself, with the loss curve."""
+    tracker = start_tracking(key, project, name, inputs)
+    try:
+        yield tracker
+    except BaseException as error:
+        tracker.fail(error)
+        raise
 
 
 def key_for_this_worker(is_main: bool) -> str | None:
