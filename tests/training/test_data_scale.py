@@ -294,8 +294,9 @@ def test_available_memory_reads_the_cgroup_without_its_page_cache(tmp_path):
 
 def test_memory_stays_within_16_bytes_per_token(tmp_path):
     """The data stage of 20,000 long rows (7 million tokens) in a fresh process: its peak
-    above the baseline stays within 16 bytes per token plus a fixed 128 MiB (batches in
-    flight, the tokenizer's buffers). The old stage held about 80 bytes per token."""
+    above the baseline stays within 16 bytes per token plus a fixed 256 MiB (batches in
+    flight, the tokenizer's per-thread buffers, more on more cores: 65 MiB on 2 here). The
+    old stage held about 80 bytes per token: 570 MB, over the bound."""
     import subprocess
     import sys
 
@@ -311,7 +312,7 @@ def test_memory_stays_within_16_bytes_per_token(tmp_path):
     result = json.loads(done.stdout.splitlines()[-1].removeprefix("RESULT "))
     grown = (result["peak_rss_mib"] - result["baseline_rss_mib"]) * 2**20
     assert result["tokens"] > 7_000_000
-    assert grown < 16 * result["tokens"] + 128 * 2**20, json.dumps(result)
+    assert grown < 16 * result["tokens"] + 256 * 2**20, json.dumps(result)
 
 
 def test_wrapping_no_examples_gives_no_rows():
