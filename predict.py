@@ -18,9 +18,9 @@ class Predictor(BaseRunner):
     def run(
         self,
         prompt: str = Input(description="Prompt to send to the model."),
-        system_prompt: str = Input(
-            description="System prompt to send to the model. This is prepended to the prompt and helps guide system behavior. An empty string renders no <<SYS>> block.",
-            default="You are a helpful assistant.",
+        system_prompt: str | None = Input(
+            description="System prompt to send to the model. This is prepended to the prompt and helps guide system behavior. Left unset, the adapter is prompted as it was trained (with the system prompt its training rows used, or none if they used none); the plain base model, an adapter trained on text rows only and weights without that record get 'You are a helpful assistant.'. An empty string renders no <<SYS>> block.",
+            default=None,
         ),
         max_new_tokens: int = Input(
             description="Maximum number of tokens to generate (capped to what fits in the context window). A word is generally 2-3 tokens.",

@@ -586,7 +586,7 @@ def _decode(chat, archives: list[Path], new_tokens: int = 128) -> dict:
 
 
 def _base_decode(chat, run) -> float:
-    chat.setup_weights = None  # requests without replicate_weights now get the plain base
+    chat.setup_name = None  # requests without replicate_weights now get the plain base
     run()
     return run()[0].tokens_per_second
 

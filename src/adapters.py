@@ -42,8 +42,12 @@ class WeightsStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or Path(tempfile.mkdtemp(prefix="llama2-weights-"))
 
-    def unpack(self, source: str, what: str = "weights") -> AdapterFiles:
-        key = hashlib.sha256(_identity(source).encode()).hexdigest()[:16]
+    def unpack(
+        self, source: str, what: str = "weights", identity: str | None = None
+    ) -> AdapterFiles:
+        """The adapter from `source`, unpacked once per identity (see `identity`; pass the
+        one already taken, so that a file replaced meanwhile is not mistaken for it)."""
+        key = _key(identity or self.identity(source))
         folder = self.root / key
         if not (folder / ".complete").is_file():
             shutil.rmtree(folder, ignore_errors=True)
@@ -59,18 +63,22 @@ class WeightsStore:
             log(f"{what}: unpacked {describe_source(source)}")
         return open_adapter(folder / "adapter")
 
-    def forget(self, source: str) -> None:
-        key = hashlib.sha256(_identity(source).encode()).hexdigest()[:16]
-        shutil.rmtree(self.root / key, ignore_errors=True)
+    def forget(self, identity: str) -> None:
+        shutil.rmtree(self.root / _key(identity), ignore_errors=True)
+
+    @staticmethod
+    def identity(source: str) -> str:
+        """What tells sources apart: a URL or data: URI by itself, a local file by its path,
+        size and modification time (a file replaced at the same path is another adapter)."""
+        path = Path(source.removeprefix("file://"))
+        if not source.startswith(("http://", "https://", "data:")) and path.is_file():
+            stat = path.stat()
+            return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return source
 
 
-def _identity(source: str) -> str:
-    """A local file is the same source while its size and modification time are."""
-    path = Path(source)
-    if not source.startswith(("http://", "https://", "data:")) and path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return source
+def _key(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def check_adapter_fits(

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from src.archive import safe_extract
 from src.errors import UserInputError
 from src.log import log
+from src.prompt_format import TrainedSystemPrompt
 
 ARCHIVE_NAME = "training_output.tar"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,6 +58,14 @@ class AdapterFiles:
     @property
     def peft_method(self) -> str:
         return self.metadata.get("peft_method", "lora") if self.metadata else "lora"
+
+    @property
+    def trained_system_prompt(self) -> TrainedSystemPrompt | None:
+        """The system prompt its training rows used (None: not recorded, an older archive)."""
+        prompt_format = (self.metadata or {}).get("prompt_format")
+        if not isinstance(prompt_format, dict):
+            return None
+        return TrainedSystemPrompt.from_json(prompt_format.get("system_prompt"))
 
 
 def base_model_fingerprint(model_dir: Path) -> dict[str, Any]:

@@ -11,10 +11,11 @@ exactly the ids that preceded its completion in training, and so that labels cov
 completion and the EOS.
 """
 
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import chain
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -24,6 +25,9 @@ FORMAT_NAME = "llama-2-chat"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 IGNORE_INDEX = -100  # label of a token that is not trained on
+# The system prompt of Replicate's llama-2-7b-chat: what the plain base is prompted with when
+# a request gives none, and an adapter whose training did not use the chat format.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # In a prompt written in chat form, what separates turns: EOS, then BOS before the next
 # "[INST]" (Meta's reference encodes each turn on its own and adds the ids). Anywhere else
 # "<s>" and "</s>" are text.
@@ -260,13 +264,118 @@ DEFAULT_PROMPT_TEMPLATE = f"{B_INST} {B_SYS}{{system_prompt}}{E_SYS}{{prompt}} {
 
 
 def encode_inference_prompt(
-    tokenizer: Tokenizer, prompt: str, system_prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE
+    tokenizer: Tokenizer,
+    prompt: str,
+    system_prompt: str | None,
+    template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> list[int]:
-    """BOS + the prompt as the model should see it before answering. Left at the default
-    template, a prompt already in chat form (a dialog, say) is used as is."""
+    """BOS + the prompt as the model should see it before answering (`system_prompt` None or
+    "": no <<SYS>> block). Left at the default template, a prompt already in chat form (a
+    dialog, say) is used as is."""
     if template == DEFAULT_PROMPT_TEMPLATE:
         return encode_user_prompt(tokenizer, prompt, system_prompt or None)
     if "{prompt}" not in template:
         raise UserInputError(f"prompt_template must contain {{prompt}}, got {template!r}")
-    text = template.replace("{system_prompt}", system_prompt).replace("{prompt}", prompt)
+    system = system_prompt or ""
+    text = template.replace("{system_prompt}", system).replace("{prompt}", prompt)
     return [tokenizer.bos_token_id, *encode_texts(tokenizer, [text])[0]]
+
+
+@dataclass(frozen=True)
+class TrainedSystemPrompt:
+    """The system prompt a training's chat rows used, as its metadata records it: the one
+    all rows shared, or (rows differ) the most frequent, with how many rows had it.
+
+    `text` None means no <<SYS>> block. A training of `{"text"}` rows only has no chat rows
+    (`chat_rows` 0): those rows carry no chat format to follow.
+    """
+
+    text: str | None
+    rows: int  # chat rows with `text` as their system prompt
+    chat_rows: int  # prompt/completion and conversation rows
+    distinct: int  # distinct system prompts among them (none counts as one)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: Any) -> "TrainedSystemPrompt | None":
+        """What `as_json` wrote; None for anything else (an archive without the record)."""
+        if not isinstance(values, dict):
+            return None
+        text, counts = values.get("text"), [values.get(k) for k in ("rows", "chat_rows")]
+        if not (text is None or isinstance(text, str)) or not all(
+            isinstance(c, int) and not isinstance(c, bool) for c in counts
+        ):
+            return None
+        return cls(text, counts[0], counts[1], int(values.get("distinct") or 1))
+
+
+class SystemPromptTally:
+    """Counts the system prompts of chat rows as a file streams by, in memory that grows
+    with the number of distinct prompts (a 64-bit hash and a count each), never with the
+    rows; the text is kept only for the prompt that leads."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.chat_rows = 0
+        self.leader: tuple[int, str | None] | None = None  # (count, text) of the most frequent
+
+    def add(self, system: str | None) -> None:
+        self.chat_rows += 1
+        key = _text_hash(system)
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        if self.leader is None or count > self.leader[0]:  # ties: the first to get there
+            self.leader = (count, system)
+
+    def result(self) -> TrainedSystemPrompt:
+        if self.leader is None:
+            return TrainedSystemPrompt(None, 0, 0, 0)
+        count, text = self.leader
+        return TrainedSystemPrompt(text, count, self.chat_rows, len(self.counts))
+
+
+def _text_hash(text: str | None) -> int:
+    if text is None:
+        return 0
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1  # never 0, which is "no system prompt"
+
+
+def choose_system_prompt(
+    asked: str | None, trained: TrainedSystemPrompt | None, adapter: bool
+) -> tuple[str | None, str]:
+    """The system prompt to prompt with (None: no <<SYS>> block) and why, for the logs.
+
+    `asked` is what the request gave: "" is no block, any other text is used as given.
+    None means "as this adapter was trained": the system prompt its chat rows used (none,
+    if they used none); the plain base (`adapter` False), an adapter trained on text rows
+    only and an archive without the record take the base model's usual default.
+    """
+    if asked is not None:
+        return (asked or None), ("as the request gave it" if asked else "the request's empty one")
+    if not adapter:
+        return DEFAULT_SYSTEM_PROMPT, "the base model's default (no adapter)"
+    if trained is None:
+        return DEFAULT_SYSTEM_PROMPT, (
+            "the base model's default (the adapter's archive does not record its training's "
+            "system prompt)"
+        )
+    if trained.chat_rows == 0:
+        return DEFAULT_SYSTEM_PROMPT, (
+            "the base model's default (the adapter was trained on text rows, without the chat "
+            "format)"
+        )
+    share = (
+        f"all {trained.chat_rows} of its chat rows"
+        if trained.rows == trained.chat_rows
+        else f"the most frequent: {trained.rows} of its {trained.chat_rows} chat rows"
+    )
+    return trained.text, f"as the adapter was trained ({share})"
+
+
+def describe_system_prompt(system: str | None) -> str:
+    """A system prompt for a log line: quoted and cut short, or "none"."""
+    if system is None:
+        return "none"
+    return repr(system if len(system) <= 80 else system[:77] + "...")

@@ -76,6 +76,18 @@ def test_replicate_weights_swap_and_back(predict_server):
     assert answer(server, prompt=FACTS[2][0], replicate_weights=other_url) == OTHER_FACTS[2][1]
 
 
+def test_the_predictors_defaults_prompt_the_adapter_as_it_was_trained(predict_server):
+    """No system_prompt in the request (Cog sends none): the adapter, trained on rows
+    without one, is prompted without one and answers as trained; the log says why."""
+    server, _ = predict_server
+    inputs = {k: v for k, v in GREEDY.items() if k != "system_prompt"}
+    events = server.stream_prediction({**inputs, "prompt": PROMPT})
+    completed = events[-1].data
+    assert completed["status"] == "succeeded", completed.get("error")
+    assert "".join(completed["output"]) == ANSWER
+    assert "system prompt: none, as the adapter was trained" in completed["logs"]
+
+
 def test_stop_sequences_are_not_emitted(predict_server):
     server, _ = predict_server
     assert answer(server, prompt=PROMPT, stop_sequences="Quill,xyz") == "The capital of Zorbia is "

@@ -46,7 +46,14 @@ from src.modeling import (
     pick_placement,
     quiet_peft,
 )
-from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_inference_prompt, is_preformatted
+from src.prompt_format import (
+    DEFAULT_PROMPT_TEMPLATE,
+    TrainedSystemPrompt,
+    choose_system_prompt,
+    describe_system_prompt,
+    encode_inference_prompt,
+    is_preformatted,
+)
 from src.seeds import SEED_MAX, SEED_MIN
 from src.serving.decoding import Decoder, EagerDecoder, GraphedDecoder
 from src.serving.generation import GenerationStats, SamplingSettings, stream_text
@@ -59,12 +66,21 @@ SERVING_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 @dataclass(frozen=True)
 class ChatRequest:
     prompt: str
-    system_prompt: str
+    system_prompt: str | None  # None: as the adapter was trained (choose_system_prompt)
     prompt_template: str
     settings: SamplingSettings
     stop_sequences: list[str]
     replicate_weights: str | None = None
     debug: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter injected into the model, under the name `adapter_name(identity)`."""
+
+    identity: str  # WeightsStore.identity of its source
+    source: str  # as logs name it
+    system_prompt: TrainedSystemPrompt | None  # what its training rows used, if recorded
 
 
 class ChatModel:
@@ -73,8 +89,11 @@ class ChatModel:
     def __init__(self, weights: str | None) -> None:
         clock = Stopwatch()
         self.store = WeightsStore()
-        self.setup_weights = weights
-        setup_adapter = self.store.unpack(weights) if weights else None
+        # The setup weights are identified once: a later change or deletion of their file
+        # does not change what requests without replicate_weights are served.
+        setup_identity = self.store.identity(weights) if weights else None
+        setup_adapter = self.store.unpack(weights, identity=setup_identity) if weights else None
+        self.setup_name = adapter_name(setup_identity) if setup_identity else None
         self.base: BaseModel = resolve_base_model()
         self.placement: Placement = serving_placement()
         self.tokenizer = load_tokenizer(self.base.path)
@@ -84,10 +103,10 @@ class ChatModel:
             self.base.path, self.from_qlora, self.placement
         )
         self.decoder: Decoder = make_decoder(self.model, self.context_window)
-        self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recent first
+        self.loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recent first
         self.active: str | None = None  # the adapter in use, None for the plain base
-        if weights and setup_adapter:
-            self._activate(weights, setup_adapter)
+        if weights and setup_adapter and setup_identity:
+            self._activate(setup_identity, weights, setup_adapter)
         log(
             f"ready: base {self.base.public_name} on {self.placement.device} in "
             f"{str(self.placement.dtype).removeprefix('torch.')}, adapter "
@@ -97,19 +116,11 @@ class ChatModel:
     def chat(self, request: ChatRequest, stats: GenerationStats | None = None) -> Iterator[str]:
         """Stream the answer to one request; `stats` is filled in as it goes."""
         stats = stats or GenerationStats()
-        self.use_weights(request.replicate_weights or self.setup_weights)
+        self.use_weights(request.replicate_weights)
+        system = self._system_prompt(request)
         prompt_ids = encode_inference_prompt(
-            self.tokenizer, request.prompt, request.system_prompt, request.prompt_template
+            self.tokenizer, request.prompt, system, request.prompt_template
         )
-        if (
-            request.system_prompt
-            and request.prompt_template == DEFAULT_PROMPT_TEMPLATE
-            and is_preformatted(request.prompt)
-        ):
-            log(
-                "the prompt is in Llama-2 chat form and is used as is: system_prompt is not "
-                "added (put a <<SYS>> block in its first [INST] turn instead)"
-            )
         room = self.context_window - len(prompt_ids)
         if room < 1:
             raise UserInputError(
@@ -135,30 +146,79 @@ class ChatModel:
                 f"{settings}"
             )
 
-    def use_weights(self, source: str | None) -> None:
-        """Make the adapter from `source` (None: the plain base) the active one."""
-        if source is None:
-            self._deactivate()
+    def _system_prompt(self, request: ChatRequest) -> str | None:
+        """The request's system prompt, or the one the active adapter was trained with; the
+        log says which and why."""
+        adapter = self.loaded.get(self.active) if self.active else None
+        system, why = choose_system_prompt(
+            request.system_prompt, adapter.system_prompt if adapter else None, adapter is not None
+        )
+        if request.prompt_template == DEFAULT_PROMPT_TEMPLATE and is_preformatted(request.prompt):
+            if system:
+                log(
+                    "the prompt is in Llama-2 chat form and is used as is: system_prompt is "
+                    "not added (put a <<SYS>> block in its first [INST] turn instead)"
+                )
+            return None
+        log(f"system prompt: {describe_system_prompt(system)}, {why}")
+        return system
+
+    def use_weights(self, replicate_weights: str | None) -> None:
+        """Make the request's adapter the active one: `replicate_weights`, else the setup
+        weights, else none (the plain base). An adapter is named by its source's identity
+        (WeightsStore.identity), so a file replaced at the same path is loaded anew."""
+        if replicate_weights is None:
+            self._switch(self.setup_name)
             return
-        name = _adapter_name(source)
+        identity = self.store.identity(replicate_weights)
+        if adapter_name(identity) in self.loaded:
+            self._switch(adapter_name(identity))
+            return
+        try:
+            adapter = self.store.unpack(replicate_weights, "replicate_weights", identity)
+            self._activate(identity, replicate_weights, adapter)
+        except BaseException:
+            self.store.forget(identity)  # what failed to load takes no room
+            raise
+
+    def _switch(self, name: str | None) -> None:
+        """Make a loaded adapter (None: the plain base) the active one."""
         if name == self.active:
             return
-        adapter = self.store.unpack(source, what="replicate_weights")
-        self._activate(source, adapter)
-
-    def _activate(self, source: str, adapter: AdapterFiles) -> None:
-        started = time.perf_counter()
-        name = _adapter_name(source)
-        self._check_base(adapter, source)
-        self._deactivate()
-        if name not in self.loaded:
-            self._load_adapter(name, adapter)
+        if name is None:
+            self._deactivate()
+            return
         self.loaded.move_to_end(name)
         assert isinstance(self.model, PeftModel)
         self.model.set_adapter(name)
         self.active = name
         self._use_decoder()
+
+    def _activate(self, identity: str, source: str, adapter: AdapterFiles) -> None:
+        started = time.perf_counter()
+        name = adapter_name(identity)
+        self._check_base(adapter, source)
+        self._deactivate()
+        self._load_adapter(name, adapter)
+        self.loaded[name] = LoadedAdapter(identity, _short(source), adapter.trained_system_prompt)
+        self._evict_beyond_the_cache(keep=name)
+        self._switch(name)
         log(f"adapter {_short(source)} active ({time.perf_counter() - started:.2f} s)")
+
+    def _evict_beyond_the_cache(self, keep: str) -> None:
+        """Drop the least recently used adapters beyond MAX_LOADED_ADAPTERS, from the model
+        and from the store's folder; never the setup weights, nor `keep` (about to serve)."""
+        evictable = [name for name in self.loaded if name not in (self.setup_name, keep)]
+        while len(self.loaded) > MAX_LOADED_ADAPTERS and evictable:
+            oldest = evictable.pop(0)
+            evicted = self.loaded.pop(oldest)
+            with warnings.catch_warnings():  # peft notes that the active one goes: it is next
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+                assert isinstance(self.model, PeftModel)
+                self.model.delete_adapter(oldest)
+            if isinstance(self.decoder, GraphedDecoder):
+                self.decoder.forget(oldest)
+            self.store.forget(evicted.identity)
 
     def _load_adapter(self, name: str, adapter: AdapterFiles) -> None:
         trained_on_4bit = adapter.peft_method == "qlora"
@@ -176,14 +236,6 @@ class ChatModel:
             raise UserInputError(
                 f"weights: not a valid adapter for this base model: {error}"
             ) from error
-        self.loaded[name] = None
-        while len(self.loaded) > MAX_LOADED_ADAPTERS:
-            oldest, _ = self.loaded.popitem(last=False)
-            with warnings.catch_warnings():  # peft notes that the active one goes: it is next
-                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
-                self.model.delete_adapter(oldest)
-            if isinstance(self.decoder, GraphedDecoder):
-                self.decoder.forget(oldest)
 
     def _attach(self, name: str, adapter: AdapterFiles) -> None:
         if isinstance(self.model, PeftModel):
@@ -246,8 +298,9 @@ def make_decoder(model: torch.nn.Module, context: int) -> Decoder:
     return EagerDecoder(model)
 
 
-def _adapter_name(source: str) -> str:
-    return "w" + hashlib.sha256(source.encode()).hexdigest()[:12]
+def adapter_name(identity: str) -> str:
+    """The peft adapter name of a source's identity (WeightsStore.identity)."""
+    return "w" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def _short(source: str | None) -> str:
@@ -292,7 +345,7 @@ def build_chat_request(
     raise_all(problems, "Invalid inputs:")
     return ChatRequest(
         prompt=prompt,
-        system_prompt=system_prompt or "",
+        system_prompt=system_prompt,
         prompt_template=prompt_template,
         settings=settings,
         stop_sequences=[s for s in (stop_sequences or "").split(",") if s],

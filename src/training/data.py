@@ -27,7 +27,9 @@ from src.log import format_duration, log
 from src.prompt_format import (
     Dialog,
     Piece,
+    SystemPromptTally,
     Tokenizer,
+    TrainedSystemPrompt,
     Turn,
     assemble_pieces,
     dialog_pieces,
@@ -54,6 +56,7 @@ SAMPLE_BYTES = 2**20  # the head of a file that its size is estimated from
 MAX_LINE_BYTES = 16 * 2**20  # a longer row would take gigabytes to tokenize at once
 MEMORY_PER_ROW = 128  # bytes held per example through training (offsets, segments, order)
 MEMORY_WORKING_SET = 256 * 2**20  # batches in flight, the tokenizer's buffers
+NO_CHAT_ROWS = TrainedSystemPrompt(None, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,19 @@ class TrainingData:
     train: Examples
     validation: Examples
     folder: Path
+    # the system prompt of train_data's chat rows (predict.py prompts the adapter with it)
+    system_prompt: TrainedSystemPrompt = NO_CHAT_ROWS
 
 
-def prepare_file(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> Examples:
-    """Read, check and tokenize a JSONL file, writing its examples into `folder`.
+def prepare_file(
+    path: Path,
+    name: str,
+    tokenizer: Tokenizer,
+    folder: Path,
+    systems: SystemPromptTally | None = None,
+) -> Examples:
+    """Read, check and tokenize a JSONL file, writing its examples into `folder`; the system
+    prompts of its chat rows are counted into `systems`.
 
     A thread feeds the tokenizer batch after batch (it releases the GIL and uses every core)
     while this one parses the next batches and assembles the tokens of the last: all the
@@ -77,7 +89,7 @@ def prepare_file(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> E
     _refuse_empty_or_array(path, name)
     check_room(path, name, tokenizer, folder)
     writer = ExampleWriter(folder, name)
-    reader = RowReader(name, size)
+    reader = RowReader(name, size, systems)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pending: deque[tuple[_Batch, Future]] = deque()
     with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:
@@ -123,8 +135,9 @@ class _Batch:
 class RowReader:
     """Lines to checked rows, batch by batch; the problems and unknown fields of a file."""
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, systems: SystemPromptTally | None = None) -> None:
         self.name, self.size = name, size
+        self.systems = systems
         self.problems = Problems()
         self.bad_lines = 0
         self.unknown: set[str] = set()
@@ -138,6 +151,8 @@ class RowReader:
             row = self.row(number, raw)
             if row is None:
                 continue
+            if self.systems is not None and isinstance(row, Dialog):
+                self.systems.add(row.system)
             batch.add(number, row)
             rows += 1
             if batch.characters >= BATCH_CHARACTERS:

@@ -20,16 +20,21 @@ import threading
 import traceback
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from src.base_model import BaseModel
 from src.errors import UserInputError
 from src.log import log
+from src.prompt_format import TrainedSystemPrompt
 from src.training.batching import PackingStats, Rows
 from src.training.config import TrainConfig
-from src.training.continuation import StartingAdapter
+from src.training.continuation import LoraSettings, StartingAdapter
 from src.training.data import TrainingData
+from src.training.distributed import World
 from src.training.examples import Examples
+from src.training.job import TrainingJob
 from src.training.tracking import KEY_FILE_VARIABLE, hand_over_key
 
 PROCESSES_VARIABLE = "TRAIN_PROCESSES"  # overrides the number of processes (default: GPUs)
@@ -62,22 +67,15 @@ def data_parallel_processes(rows_per_step: int) -> int:
     return max(1, min(wanted, rows_per_step))
 
 
-def launch_workers(
-    config: TrainConfig,
-    data: TrainingData,
-    processes: int,
-    packed: tuple[Rows, PackingStats],
-    start: StartingAdapter | None = None,
-    wandb_api_key: str | None = None,
-) -> Path:
-    """Train in `processes` torchrun workers; return the weights archive that rank 0 wrote.
-    A Weights & Biases key goes to rank 0 in a file of its own (src/training/tracking.py),
-    never into the job folder or an environment."""
-    job = data.folder
-    write_job(job, config, data, packed, start)
+def launch_workers(job: TrainingJob, processes: int, wandb_api_key: str | None = None) -> Path:
+    """Train `job` in `processes` torchrun workers; return the weights archive that rank 0
+    wrote. A Weights & Biases key goes to rank 0 in a file of its own
+    (src/training/tracking.py), never into the job folder or an environment."""
+    folder = job.data.folder
+    write_job(folder, job)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={processes}", "-m", "src.training.worker", str(job),
+        f"--nproc-per-node={processes}", "-m", "src.training.worker", str(folder),
     ]  # fmt: skip
     env = dict(os.environ)
     env[LAUNCHER_PID_VARIABLE] = str(os.getpid())
@@ -94,11 +92,11 @@ def launch_workers(
     try:
         _relay_output(process)
         if process.returncode != 0:
-            raise _worker_failure(job, process.returncode)
-        return Path(json.loads((job / "result.json").read_text())["weights"])
+            raise _worker_failure(folder, process.returncode)
+        return Path(json.loads((folder / "result.json").read_text())["weights"])
     finally:
-        _stop(process, job)
-        for report in [*job.glob("error-rank*.json"), job / "result.json", job / CANCELED]:
+        _stop(process, folder)
+        for report in [*folder.glob("error-rank*.json"), folder / "result.json", folder / CANCELED]:
             report.unlink(missing_ok=True)
         if key_file is not None:
             key_file.unlink(missing_ok=True)  # if rank 0 never started to read and delete it
@@ -172,38 +170,39 @@ def write_worker_error(job: Path, rank: int, error: BaseException) -> None:
     (job / f"error-rank{rank}.json").write_text(json.dumps(report))
 
 
-def write_job(
-    job: Path,
-    config: TrainConfig,
-    data: TrainingData,
-    packed: tuple[Rows, PackingStats],
-    start: StartingAdapter | None = None,
-) -> None:
-    """The config, the split, the packed rows and the adapter to continue into `job`, the
-    folder that already holds the examples (and the unpacked init_weights)."""
+def write_job(folder: Path, job: TrainingJob) -> None:
+    """The config, the split, the packed rows, the LoRA and the adapter to continue into
+    `folder`, the folder that already holds the examples (and the unpacked init_weights)."""
+    config, data = job.config, job.data
     values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    (job / "config.json").write_text(json.dumps(values))
-    rows, stats = packed
-    rows.save(job)
+    (folder / "config.json").write_text(json.dumps(values))
+    rows, stats = job.packed
+    rows.save(folder)
     split = {"train": data.train.describe(), "validation": data.validation.describe()}
-    split |= {"packing": asdict(stats), "init_weights": start.describe() if start else None}
-    (job / "data.json").write_text(json.dumps(split))
+    split |= {"packing": asdict(stats), "lora": asdict(job.lora)}
+    split |= {"init_weights": job.start.describe() if job.start else None}
+    split |= {"system_prompt": data.system_prompt.as_json()}
+    (folder / "data.json").write_text(json.dumps(split))
 
 
-def read_job(
-    job: Path,
-) -> tuple[TrainConfig, TrainingData, tuple[Rows, PackingStats], StartingAdapter | None]:
-    values = json.loads((job / "config.json").read_text())
+def read_job(folder: Path, base: BaseModel, tokenizer: Any, world: World) -> TrainingJob:
+    """What `write_job` wrote, for the worker of rank `world.rank`."""
+    values = json.loads((folder / "config.json").read_text())
     for field in fields(TrainConfig):
         if field.name in ("train_data", "validation_data") and values[field.name] is not None:
             values[field.name] = Path(values[field.name])
-    split = json.loads((job / "data.json").read_text())
-    train, validation = (_open(job, split[name]) for name in ("train", "validation"))
+    split = json.loads((folder / "data.json").read_text())
+    train, validation = (_open(folder, split[name]) for name in ("train", "validation"))
     start = StartingAdapter.open(split["init_weights"]) if split["init_weights"] else None
-    packed = Rows.open(job, train), PackingStats(**split["packing"])
-    return TrainConfig(**values), TrainingData(train, validation, job), packed, start
+    packed = Rows.open(folder, train), PackingStats(**split["packing"])
+    lora = split["lora"]
+    lora = LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])})
+    system_prompt = TrainedSystemPrompt.from_json(split["system_prompt"])
+    assert system_prompt is not None
+    data = TrainingData(train, validation, folder, system_prompt)
+    return TrainingJob(TrainConfig(**values), base, tokenizer, data, packed, lora, start, world)
 
 
-def _open(job: Path, where: dict) -> Examples:
+def _open(folder: Path, where: dict) -> Examples:
     first = where["first"]
-    return Examples.open(job, where["source"]).select(first, first + where["count"])
+    return Examples.open(folder, where["source"]).select(first, first + where["count"])

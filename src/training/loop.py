@@ -20,7 +20,12 @@ from transformers import PreTrainedTokenizerBase
 from src.attention import PackedSegments
 from src.log import Stopwatch, format_duration, log
 from src.modeling import set_activation_checkpointing
-from src.prompt_format import IGNORE_INDEX, encode_user_prompt
+from src.prompt_format import (
+    IGNORE_INDEX,
+    TrainedSystemPrompt,
+    choose_system_prompt,
+    encode_user_prompt,
+)
 from src.training.batching import (
     MicroBatch,
     Rows,
@@ -84,8 +89,10 @@ def train_adapter(
     device: torch.device,
     world: World,
     tracker: Tracker | None = None,
+    prompt: "ValidationPrompt | None" = None,
 ) -> TrainResult:
-    """Train the LoRA parameters of `model` in place; return the measured history.
+    """Train the LoRA parameters of `model` in place; return the measured history; `prompt`
+    is answered after each epoch.
 
     With several ranks, each runs this loop on its share of every step; rank 0 validates,
     and decides (keep_best_epoch, early_stopping_patience) for every rank.
@@ -131,7 +138,9 @@ def train_adapter(
             result.epochs_run = epoch + 1
             stop = False
             if world.is_main:
-                loss = _end_of_epoch(model, tokenizer, validation_rows, config, step, result, epoch)
+                loss = _end_of_epoch(
+                    model, tokenizer, validation_rows, config, step, result, epoch, prompt
+                )
                 stop = config.chooses_epochs and choice.after_epoch(epoch + 1, loss, model)
             if config.chooses_epochs and broadcast_flag(stop, world, device):
                 break
@@ -334,18 +343,37 @@ def validation_loss(
     return loss_sum / max(count, 1)
 
 
-def validation_prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str | None) -> int:
-    """Tokens an answer to the validation prompt holds in its KV cache, at most."""
-    return len(encode_user_prompt(tokenizer, prompt)) + VALIDATION_MAX_NEW_TOKENS if prompt else 0
+@dataclass(frozen=True)
+class ValidationPrompt:
+    """The validation_prompt, encoded as predict.py would encode it for this adapter: with
+    the system prompt its training rows used (src/prompt_format.choose_system_prompt)."""
+
+    text: str
+    ids: list[int]
+    system: str | None
+    reason: str  # why that system prompt, for the log
+
+    @property
+    def most_tokens(self) -> int:
+        """Tokens an answer holds in its KV cache, at most."""
+        return len(self.ids) + VALIDATION_MAX_NEW_TOKENS
+
+
+def validation_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | None, trained: TrainedSystemPrompt
+) -> ValidationPrompt | None:
+    if not prompt:
+        return None
+    system, reason = choose_system_prompt(None, trained, adapter=True)
+    return ValidationPrompt(prompt, encode_user_prompt(tokenizer, prompt, system), system, reason)
 
 
 @torch.no_grad()
 def answer_prompt(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompt: str, device: torch.device
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], device: torch.device
 ) -> str:
-    """Greedy answer in the chat format (a prompt already in [INST] form is used as is)."""
+    """Greedy answer to a prompt's token ids (BOS and the chat format included)."""
     model.eval()
-    ids = encode_user_prompt(tokenizer, prompt)
     output = model.generate(
         input_ids=torch.tensor([ids], device=device),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
@@ -365,6 +393,7 @@ def _end_of_epoch(
     step: _Step,
     result: TrainResult,
     epoch: int,
+    prompt: ValidationPrompt | None,
 ) -> float:
     """Validation loss (NaN without validation rows) and the validation prompt's answer."""
     device = step.device
@@ -383,11 +412,11 @@ def _end_of_epoch(
             f"perplexity {math.exp(min(loss, 50)):.2f}"
         )
     reported: dict = {} if math.isnan(loss) else {"loss": loss}
-    if config.validation_prompt:
-        answer = answer_prompt(model, tokenizer, config.validation_prompt, device)
+    if prompt is not None:
+        answer = answer_prompt(model, tokenizer, prompt.ids, device)
         result.validation_answers.append(answer)
-        log(f"validation prompt: {config.validation_prompt!r}\nmodel answer: {answer!r}")
-        reported |= {"prompt": config.validation_prompt, "answer": answer}
+        log(f"validation prompt: {prompt.text!r}\nmodel answer: {answer!r}")
+        reported |= {"prompt": prompt.text, "answer": answer}
     step.tracker.log_epoch(result.steps, epoch + 1, reported)
     return loss
 

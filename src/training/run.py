@@ -20,7 +20,7 @@ from src.artifact import (
     plot_losses,
     write_archive,
 )
-from src.base_model import BaseModel, resolve_base_model
+from src.base_model import resolve_base_model
 from src.errors import UserInputError
 from src.log import Stopwatch, log
 from src.modeling import (
@@ -32,13 +32,17 @@ from src.modeling import (
     pick_placement,
     read_model_config,
 )
-from src.prompt_format import FORMAT_NAME, render_user_turn
+from src.prompt_format import (
+    FORMAT_NAME,
+    SystemPromptTally,
+    TrainedSystemPrompt,
+    describe_system_prompt,
+    render_user_turn,
+)
 from src.seeds import derive_seed
 from src.training.batching import PackingStats, Rows, build_rows
 from src.training.config import TrainConfig
 from src.training.continuation import (
-    LoraSettings,
-    StartingAdapter,
     fetch_starting_adapter,
     load_starting_weights,
     lora_settings,
@@ -50,10 +54,10 @@ from src.training.data import (
     prepare_file,
     split_validation,
 )
-from src.training.distributed import World
 from src.training.examples import Examples
+from src.training.job import TrainingJob
 from src.training.launcher import data_parallel_processes, launch_workers
-from src.training.loop import TrainResult, train_adapter, validation_prompt_tokens
+from src.training.loop import TrainResult, train_adapter, validation_prompt
 from src.training.memory import plan_for_device
 from src.training.tracking import reporting
 
@@ -76,14 +80,12 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
         check_adapter_size(lora.rank, read_model_config(base.path))
         tokenizer = load_tokenizer(base.path)
         data = prepare_examples(config, tokenizer, context_window(base.path), folder)
-        packed = pack(config, data)
-        rows_per_step = min(config.train_batch_size, len(packed[0]))
+        job = TrainingJob(config, base, tokenizer, data, pack(config, data), lora, start)
+        rows_per_step = min(config.train_batch_size, len(job.train_rows))
         processes = data_parallel_processes(rows_per_step)
         if processes > 1:
-            return launch_workers(config, data, processes, packed, start, wandb_api_key)
-        archive = train_and_save(
-            config, base, tokenizer, data, World(), clock, start, wandb_api_key, packed, lora
-        )
+            return launch_workers(job, processes, wandb_api_key)
+        archive = train_and_save(job, clock, wandb_api_key)
         assert archive is not None  # a single process is rank 0
         return archive
     finally:
@@ -103,24 +105,18 @@ def make_data_folder() -> Path:
 
 
 def train_and_save(
-    config: TrainConfig,
-    base: BaseModel,
-    tokenizer: Any,
-    data: TrainingData,
-    world: World,
-    clock: Stopwatch,
-    start: StartingAdapter | None = None,
-    wandb_api_key: str | None = None,
-    packed: tuple[Rows, PackingStats] | None = None,
-    lora: LoraSettings | None = None,
+    job: TrainingJob, clock: Stopwatch, wandb_api_key: str | None = None
 ) -> Path | None:
-    """Pack (unless `packed` already is), load the base, add LoRA (or continue `start`),
-    train; rank 0 reports to Weights & Biases with a key, and returns the weights archive.
-    A worker works out `lora` again, silently: its launcher announced it."""
-    lora = lora or lora_settings(config, start, announce=False)
-    train_rows, stats = packed or pack(config, data)
+    """Load the base, add LoRA (or continue `job.start`), train; rank 0 reports to Weights
+    & Biases with a key, and returns the weights archive."""
+    config, base, world, lora = job.config, job.base, job.world, job.lora
+    train_rows, stats = job.packed
     log_packing(config, stats)
-    validation_rows, _ = build_rows(data.validation, pack=False, wrap=False, chunk_size=0)
+    validation_rows, _ = build_rows(job.data.validation, pack=False, wrap=False, chunk_size=0)
+    prompt = validation_prompt(job.tokenizer, config.validation_prompt, job.data.system_prompt)
+    if prompt is not None and world.is_main:
+        log(f"validation_prompt: system prompt {describe_system_prompt(prompt.system)}, "
+            f"{prompt.reason}")  # fmt: skip
     placement = pick_placement()
     forwards = plan_for_device(
         placement,
@@ -129,8 +125,7 @@ def train_and_save(
         lora.rank,
         longest=train_rows.longest_segment,
         longest_validation=max(
-            validation_rows.longest_segment,
-            validation_prompt_tokens(tokenizer, config.validation_prompt),
+            validation_rows.longest_segment, prompt.most_tokens if prompt else 0
         ),
         processes=world.size,
     )
@@ -154,18 +149,16 @@ def train_and_save(
                 model, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit,
                 lora.target_modules, lora.use_rslora,
             )  # fmt: skip
-            if start is not None:
-                load_starting_weights(model, start)
+            if job.start is not None:
+                load_starting_weights(model, job.start)
             torch.manual_seed(dropout_seed(config.seed, world.rank))
             result = train_adapter(
-                model, tokenizer, train_rows, validation_rows, config, forwards,
-                placement.device, world, tracker,
+                model, job.tokenizer, train_rows, validation_rows, config, forwards,
+                placement.device, world, tracker, prompt,
             )  # fmt: skip
             if not world.is_main:
                 return None
-            archive, curve = save_weights(
-                model, config, lora, start, base, result, stats, clock.elapsed()
-            )
+            archive, curve = save_weights(model, job, result, clock.elapsed())
             tracker.finish(curve)
             return archive
         finally:
@@ -219,7 +212,8 @@ def prepare_examples(
             f"chunk_size {config.chunk_size} is larger than the model's context window of "
             f"{max_tokens} tokens"
         )
-    train = prepare_file(config.train_data, "train_data", tokenizer, folder)
+    systems = SystemPromptTally()
+    train = prepare_file(config.train_data, "train_data", tokenizer, folder, systems)
     validation_file = None
     if config.validation_data is not None:
         if config.run_validation:
@@ -259,7 +253,25 @@ def prepare_examples(
         )
     _log_counts("train", train)
     _log_counts("validation", validation)
-    return TrainingData(train, validation, folder)
+    system_prompt = systems.result()
+    _log_system_prompt(system_prompt)
+    return TrainingData(train, validation, folder, system_prompt)
+
+
+def _log_system_prompt(trained: TrainedSystemPrompt) -> None:
+    """What predict.py will prompt this adapter with when a request gives no system_prompt."""
+    if not trained.chat_rows:
+        return
+    share = (
+        f"all {trained.chat_rows} chat rows"
+        if trained.rows == trained.chat_rows
+        else f"the most frequent, {trained.rows:,} of {trained.chat_rows:,} chat rows "
+        f"({trained.distinct:,} different)"
+    )
+    log(
+        f"system prompt: {describe_system_prompt(trained.text)} ({share}); recorded in the "
+        f"weights, so that predict.py prompts the adapter with it by default"
+    )
 
 
 def _log_counts(name: str, examples: Examples) -> None:
@@ -283,16 +295,10 @@ def log_packing(config: TrainConfig, stats: PackingStats) -> None:
 
 
 def save_weights(
-    model: peft.PeftModel,
-    config: TrainConfig,
-    lora: LoraSettings,
-    start: StartingAdapter | None,
-    base: BaseModel,
-    result: TrainResult,
-    stats: PackingStats,
-    runtime: float,
+    model: peft.PeftModel, job: TrainingJob, result: TrainResult, runtime: float
 ) -> tuple[Path, Path]:
     """The weights archive, and the loss curve in it."""
+    config, base, start = job.config, job.base, job.start
     out_dir = Path(tempfile.mkdtemp(prefix="llama2-training-"))
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -300,14 +306,15 @@ def save_weights(
     metadata = {
         "inputs": config.as_json(),
         "peft_method": config.peft_method,
-        "lora": lora.as_json(),
+        "lora": job.lora.as_json(),
         "lineage": start.lineage() if start else [],
         "base_model": {"source": base.public_name, **base_model_fingerprint(base.path)},
         "prompt_format": {
             "name": FORMAT_NAME,
             "user_turn": render_user_turn("{prompt}", "{system}"),
+            "system_prompt": job.data.system_prompt.as_json(),
         },
-        "results": {**_results(result, stats), "runtime_seconds": runtime},
+        "results": {**_results(result, job.packed[1]), "runtime_seconds": runtime},
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

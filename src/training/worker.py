@@ -35,20 +35,9 @@ def main(job: Path) -> None:
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     try:
-        config, data, packed, start = read_job(job)
         base = resolve_base_model()
-        tokenizer = load_tokenizer(base.path)
-        archive = train_and_save(
-            config,
-            base,
-            tokenizer,
-            data,
-            world,
-            clock,
-            start,
-            wandb_api_key,
-            packed,
-        )
+        training = read_job(job, base, load_tokenizer(base.path), world)
+        archive = train_and_save(training, clock, wandb_api_key)
         if archive is not None:
             (job / "result.json").write_text(json.dumps({"weights": str(archive)}))
     except Exception as error:

@@ -2,6 +2,8 @@
 
 import base64
 import io
+import json
+import os
 import shutil
 import tarfile
 import time
@@ -10,11 +12,19 @@ import pytest
 import torch
 
 import src.artifact
+import src.serving.chat
 from src.adapters import WeightsStore
 from src.errors import UserInputError
 from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
 from src.serving.chat import ChatModel, build_chat_request
-from tests.helpers import FACTS, OTHER_FACTS, serve_directory
+from tests.helpers import (
+    FACTS,
+    FAST_LEARNING,
+    OTHER_FACTS,
+    call_train,
+    serve_directory,
+    write_jsonl,
+)
 
 PROMPT, ANSWER = FACTS[0]
 
@@ -90,16 +100,24 @@ def test_no_weights_serves_the_base(base_model_env, facts_archive):
 
 
 def test_the_least_recent_adapter_is_dropped_and_comes_back(
-    base_model_env, facts_archive, other_facts_archive, monkeypatch
+    base_model_env, facts_archive, other_facts_archive, tmp_path, monkeypatch
 ):
+    """Beyond the cache's limit the least recent adapter leaves the model and the disk; the
+    setup weights stay, whatever the limit."""
     import src.serving.chat
 
-    monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 1)
+    monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 2)
+    third = tmp_path / "third.tar"
+    shutil.copy(other_facts_archive, third)
     model = ChatModel(str(facts_archive))
+    unpacked = lambda: sorted(p.name for p in model.store.root.iterdir())  # noqa: E731
     for _ in range(2):
         assert ask(model, replicate_weights=str(other_facts_archive)) == OTHER_FACTS[0][1]
-        assert len(model.loaded) == 1
-        assert ask(model) == ANSWER  # reloaded after it was dropped
+        assert ask(model, replicate_weights=str(third)) == OTHER_FACTS[0][1]  # drops `other`
+        assert len(model.loaded) == 2 and len(unpacked()) == 2
+        assert model.setup_name in model.loaded
+        assert ask(model) == ANSWER  # the setup weights were never dropped
+    assert ask(model, replicate_weights=str(other_facts_archive)) == OTHER_FACTS[0][1]
 
 
 def test_seeded_sampling_is_reproducible(chat_model):
@@ -254,3 +272,101 @@ def test_a_history_in_chat_form_is_used_as_is_and_the_logs_say_so(chat_model, ca
     assert "system_prompt is not added" in capsys.readouterr().out
     ask(chat_model, history, system_prompt="")
     assert "system_prompt is not added" not in capsys.readouterr().out
+
+
+def metadata_of(archive) -> dict:
+    with tarfile.open(archive) as tar:
+        return json.load(tar.extractfile(src.artifact.METADATA))
+
+
+def test_an_adapter_is_prompted_as_it_was_trained_by_default(base_model_env, tmp_path, capsys):
+    """Rows trained with a system prompt: a request without one gets it, as does the
+    validation_prompt during training; "" still means no <<SYS>> block."""
+    rows = [{"prompt": p, "completion": c, "system": "You are terse."} for p, c in FACTS] * 4
+    data = write_jsonl(tmp_path / "terse.jsonl", rows)
+    archive = call_train(train_data=str(data), **{**FAST_LEARNING, "validation_prompt": PROMPT})
+    out = capsys.readouterr().out
+    assert "validation_prompt: system prompt 'You are terse.', as the adapter was trained" in out
+    metadata = metadata_of(archive)
+    assert metadata["prompt_format"]["system_prompt"] == {
+        "text": "You are terse.", "rows": 16, "chat_rows": 16, "distinct": 1
+    }  # fmt: skip
+    assert metadata["results"]["validation_answers"][-1] == ANSWER
+    model = ChatModel(str(archive))
+    capsys.readouterr()
+    assert ask(model, system_prompt=None) == ANSWER
+    assert (
+        "system prompt: 'You are terse.', as the adapter was trained (all 16 of its chat rows)"
+        in capsys.readouterr().out
+    )
+    assert first_logits(model, None).equal(first_logits(model, "You are terse."))
+    assert not first_logits(model, None).equal(first_logits(model, ""))
+    ask(model, system_prompt="")
+    assert "system prompt: none, the request's empty one" in capsys.readouterr().out
+
+
+def first_logits(model: ChatModel, system_prompt: str | None) -> torch.Tensor:
+    """The first new token's logits of a request with `system_prompt`, as served."""
+    request = build_chat_request(
+        **{**GREEDY_INPUTS, "prompt": PROMPT, "system_prompt": system_prompt}
+    )
+    model.use_weights(request.replicate_weights)
+    ids = src.serving.chat.encode_inference_prompt(
+        model.tokenizer, PROMPT, model._system_prompt(request), DEFAULT_PROMPT_TEMPLATE
+    )
+    with model._adapter_context(), torch.inference_mode():
+        return model.decoder.prefill(ids, 1)
+
+
+def test_without_a_record_or_chat_rows_the_base_default_is_used(
+    base_model_env, facts_archive, tmp_path, capsys
+):
+    """The plain base, an adapter of text rows only, and an archive from before the record
+    get the base model's usual system prompt; trained without one, an adapter gets none."""
+    from src.prompt_format import DEFAULT_SYSTEM_PROMPT
+
+    model = ChatModel(str(facts_archive))  # prompt/completion rows without a system prompt
+    capsys.readouterr()
+    assert ask(model, system_prompt=None) == ANSWER
+    assert "system prompt: none, as the adapter was trained" in capsys.readouterr().out
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": c} for _, c in FACTS] * 4)
+    text_only = call_train(train_data=str(texts), **{**FAST_LEARNING, "num_train_epochs": 1})
+    older = tmp_path / "older.tar"
+    with tarfile.open(facts_archive) as source, tarfile.open(older, "w") as target:
+        for member in source.getmembers():
+            content = source.extractfile(member).read()
+            if member.name == src.artifact.METADATA:
+                metadata = json.loads(content)
+                del metadata["prompt_format"]["system_prompt"]
+                content = json.dumps(metadata).encode()
+                member.size = len(content)
+            target.addfile(member, io.BytesIO(content))
+    expected = repr(DEFAULT_SYSTEM_PROMPT)
+    for weights, why in (
+        (None, "the base model's default (no adapter)"),
+        (str(text_only), "the base model's default (the adapter was trained on text rows"),
+        (str(older), "the base model's default (the adapter's archive does not record"),
+    ):
+        ask(model, system_prompt=None, replicate_weights=weights)
+        if weights is None:
+            ask(ChatModel(None), system_prompt=None)
+        assert f"system prompt: {expected}, {why}" in capsys.readouterr().out
+
+
+def test_a_weights_file_replaced_at_its_path_is_loaded_anew(
+    base_model_env, facts_archive, other_facts_archive, tmp_path
+):
+    """Adapters are named by what the store tells apart (path, size, modification time);
+    the setup weights are identified once, so deleting their file breaks nothing."""
+    setup, swapped = tmp_path / "setup.tar", tmp_path / "swapped.tar"
+    shutil.copy(facts_archive, setup)
+    shutil.copy(facts_archive, swapped)
+    model = ChatModel(str(setup))
+    assert ask(model, replicate_weights=str(swapped)) == ANSWER
+    shutil.copy(other_facts_archive, swapped)
+    os.utime(swapped, ns=(time.time_ns(), time.time_ns() + 10**9))  # surely another mtime
+    assert ask(model, replicate_weights=str(swapped)) == OTHER_FACTS[0][1]
+    setup.unlink()
+    assert ask(model) == ANSWER
+    assert ask(model, replicate_weights=str(swapped)) == OTHER_FACTS[0][1]
+    assert ask(model) == ANSWER

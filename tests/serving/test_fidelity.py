@@ -10,9 +10,10 @@ import pytest
 import torch
 from peft import PeftModel
 
+from src.adapters import WeightsStore
 from src.modeling import Placement, keep_4bit_weights_trainable, load_base_model
 from src.prompt_format import encode_chat_prompt
-from src.serving.chat import ChatModel, _adapter_name, load_inference_base
+from src.serving.chat import ChatModel, adapter_name, load_inference_base
 from src.serving.decoding import EagerDecoder, GraphedDecoder
 from tests.helpers import FACTS
 
@@ -31,7 +32,7 @@ def next_token_logits(model, tokenizer, decoder=None) -> torch.Tensor:
 
 def served_logits(chat: ChatModel, tokenizer) -> torch.Tensor:
     """What the predictor samples the first token from: its decoder (graphs on a GPU)."""
-    chat.use_weights(chat.setup_weights)
+    chat.use_weights(None)  # the setup weights
     return next_token_logits(chat.model, tokenizer, chat.decoder)
 
 
@@ -84,7 +85,8 @@ def test_a_hundred_swaps_leave_the_base_bit_identical(
     first = next_token_logits(model.model, tokenizer)
     for swap in range(100):
         model.use_weights(str(other_facts_archive if swap % 2 == 0 else facts_archive))
-    assert model.active == _adapter_name(str(facts_archive))  # back on the first adapter
+    first_adapter = adapter_name(WeightsStore.identity(str(facts_archive)))
+    assert model.active == first_adapter  # back on the first adapter
     now = {
         name.replace(".base_layer", ""): tensor
         for name, tensor in model.model.get_base_model().state_dict().items()

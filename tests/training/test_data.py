@@ -226,3 +226,36 @@ def test_every_bad_conversation_is_named_at_once(read):
     ]:
         assert expected in message, expected
     assert "18 problem(s) in 16 line(s)" in message
+
+
+def test_the_system_prompt_of_the_chat_rows_is_counted(tmp_path, tokenizer):
+    """None, the one all rows share, or the most frequent with its count; text rows are no
+    chat rows, and bad lines are not counted."""
+    from src.prompt_format import SystemPromptTally, TrainedSystemPrompt
+
+    def tally(*rows: dict | str) -> TrainedSystemPrompt:
+        path = tmp_path / "data.jsonl"
+        lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+        path.write_text("".join(line + "\n" for line in lines))
+        systems = SystemPromptTally()
+        folder = tmp_path / f"prepared{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        prepare_file(path, "train_data", tokenizer, folder, systems)
+        return systems.result()
+
+    pair = {"prompt": "p", "completion": "c"}
+    terse = {**pair, "system": "Be terse."}
+    talk = {"messages": [{"role": "system", "content": "Be kind."}, *pair_messages()]}
+    assert tally({"text": "a"}) == TrainedSystemPrompt(None, 0, 0, 0)
+    assert tally(pair, pair, {"text": "a"}) == TrainedSystemPrompt(None, 2, 2, 1)
+    assert tally(pair, {**pair, "system": ""}) == TrainedSystemPrompt(None, 2, 2, 1)  # "": none
+    assert tally(terse, terse) == TrainedSystemPrompt("Be terse.", 2, 2, 1)
+    assert tally(talk, terse, talk, pair) == TrainedSystemPrompt("Be kind.", 2, 4, 3)
+    assert tally(terse, talk) == TrainedSystemPrompt("Be terse.", 1, 2, 2)  # a tie: the first
+    with pytest.raises(UserInputError):
+        tally(terse, '{"prompt": "p"}')
+    assert TrainedSystemPrompt.from_json(tally(talk, pair).as_json()) == tally(talk, pair)
+
+
+def pair_messages() -> list[dict]:
+    return [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]

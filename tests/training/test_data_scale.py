@@ -342,6 +342,9 @@ def test_a_big_file_that_fits_is_read(tokenizer, tmp_path):
 def test_workers_map_the_examples_the_parent_wrote(tokenizer, tmp_path):
     """The job folder is the data stage's folder: a worker maps those files, no copy."""
     from src.training.config import build_train_config
+    from src.training.continuation import lora_settings
+    from src.training.distributed import World
+    from src.training.job import TrainingJob
     from src.training.run import prepare_examples
     from tests.helpers import train_defaults
 
@@ -352,9 +355,13 @@ def test_workers_map_the_examples_the_parent_wrote(tokenizer, tmp_path):
     prepared = prepare_examples(config, tokenizer, 4096, folder)
     files = sorted(p.name for p in folder.iterdir())
     rows, stats = build_rows(prepared.train, True, False, 4096)
-    write_job(folder, config, prepared, (rows, stats))
-    _, job, (job_rows, job_stats), start = read_job(folder)
-    assert start is None and job_stats == stats
+    lora = lora_settings(config, None)
+    write_job(folder, TrainingJob(config, None, tokenizer, prepared, (rows, stats), lora))
+    training = read_job(folder, None, tokenizer, World(rank=1, size=2))
+    job, (job_rows, job_stats) = training.data, training.packed
+    assert training.start is None and job_stats == stats and training.lora == lora
+    assert training.data.system_prompt == prepared.system_prompt
+    assert training.config == config and training.world.rank == 1
     row_files = [f"rows.{name}.npy" for name in ROW_ARRAYS]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [*files, *row_files, "config.json", "data.json"]

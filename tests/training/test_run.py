@@ -253,7 +253,9 @@ def run_as_rank(rank: int, settings: dict, monkeypatch) -> dict:
     from src.log import Stopwatch
     from src.modeling import load_tokenizer
     from src.training.config import build_train_config
+    from src.training.continuation import lora_settings
     from src.training.distributed import World
+    from src.training.job import TrainingJob
 
     seen = {"validations": 0, "rng": None, "lora_a": None}
     validate, forward, add_lora = (
@@ -285,7 +287,10 @@ def run_as_rank(rank: int, settings: dict, monkeypatch) -> dict:
     folder = pathlib.Path(tempfile.mkdtemp(prefix="test-rank-"))
     data = src.training.run.prepare_examples(config, tokenizer, 4096, folder)
     world = World(rank=rank, size=1)  # size 1: no gradient sum waits for other ranks
-    src.training.run.train_and_save(config, base, tokenizer, data, world, Stopwatch())
+    lora = lora_settings(config, None)
+    packed = src.training.run.pack(config, data)
+    job = TrainingJob(config, base, tokenizer, data, packed, lora, world=world)
+    src.training.run.train_and_save(job, Stopwatch())
     return seen
 
 
