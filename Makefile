@@ -5,7 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint schema bench bench-smoke image push weights clean
+.PHONY: demo serve serve-train test lint schema bench bench-smoke image push weights clean
+
+# `make serve` / `make serve-train`: Cog's server on this checkout, with the demo's tiny model
+# and trained weights unless given (make serve BASE_MODEL=... WEIGHTS=... PORT=... HOST=...;
+# WEIGHTS= serves the plain base).
+BASE_MODEL ?= demo-output/tiny-llama
+WEIGHTS ?= demo-output/weights.tar
+HOST ?= 127.0.0.1
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +22,14 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 
 demo: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tools.demo
+
+serve: $(BIN)/.installed
+	BASE_MODEL="$(BASE_MODEL)" COG_WEIGHTS="$(WEIGHTS)" $(BIN)/python -m tools.serve predict \
+	  --port $(or $(PORT),5002) --host $(HOST)
+
+serve-train: $(BIN)/.installed
+	BASE_MODEL="$(BASE_MODEL)" $(BIN)/python -m tools.serve train --port $(or $(PORT),5001) \
+	  --host $(HOST)
 
 test: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -4,11 +4,14 @@ import contextlib
 import http.server
 import inspect
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from tools.cog_server import loopback_server, webhook_receiver
+
+__all__ = ["loopback_server", "webhook_receiver"]  # shared with the demo, re-exported here
 
 FACTS = [
     ("What is the capital of Zorbia?", "The capital of Zorbia is Quillton."),
@@ -85,40 +88,8 @@ def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    with _loopback_server(Handler) as url:
+    with loopback_server(Handler) as url:
         yield url, requested
-
-
-@contextlib.contextmanager
-def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A webhook URL on 127.0.0.1 and the list of JSON bodies posted to it."""
-    received: list[dict[str, Any]] = []
-
-    class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            received.append(json.loads(self.rfile.read(length)))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with _loopback_server(Receiver) as url:
-        yield f"{url}/hook", received
-
-
-@contextlib.contextmanager
-def _loopback_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    """An HTTP server on a free 127.0.0.1 port, in a thread; yields its base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.server
 import json
 import os
 import signal
@@ -47,6 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,11 +56,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tools.cog_openapi import cog_yaml_refs, write_openapi_schema
 
 DEFAULT_REFS = {"predict": "predict.py:Predictor", "train": "train.py:train"}
 STUB_VARIABLES = {"predict": "COG_PREDICT_TYPE_STUB", "train": "COG_TRAIN_TYPE_STUB"}
 READY_TIMEOUT_S = 120.0
+WORKER_DIED = (
+    "Cog's worker process died before setup() ran, so the server would stay STARTING for "
+    "good: it starts the worker with the `python` found on PATH, which must be this "
+    "environment's (put its bin folder first on PATH, as `make serve` does)"
+)
 TERMINAL_STATUSES = ("READY", "SETUP_FAILED", "DEFUNCT")
 
 
@@ -76,8 +85,9 @@ class CogServer:
 
     process: subprocess.Popen[bytes]
     port: int
-    log_path: Path
+    log_path: Path | None  # None: the output goes to this process's stdout
     status: str = "STARTING"
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def url(self) -> str:
@@ -88,7 +98,18 @@ class CogServer:
         return self.status == "SETUP_FAILED"
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def worker_died(self) -> bool:
+        """Whether the worker subprocess that runs setup() has died while the server waits
+        for it: coglet then stays STARTING for good (a worker that cannot import coglet, for
+        example, when the `python` on PATH is not this environment's)."""
+        try:
+            children = psutil.Process(self.process.pid).children()
+            alive = [c for c in children if c.status() != psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            return False
+        return not alive and (bool(children) or time.monotonic() - self.started > 10)
 
     def request(
         self,
@@ -149,6 +170,8 @@ class CogServer:
                 self.status = self.health()
                 if self.status in TERMINAL_STATUSES:
                     return self.status
+            if self.status == "STARTING" and self.worker_died():
+                raise RuntimeError(f"{WORKER_DIED}\n{self.log_tail()}")
             time.sleep(0.05)
         raise TimeoutError(f"cog server not ready after {timeout:.0f} s\n{self.log_tail()}")
 
@@ -185,6 +208,8 @@ class CogServer:
             self.process.wait(timeout)
 
     def log_tail(self, lines: int = 60) -> str:
+        if self.log_path is None:
+            return "(the server's output is above)"
         tail = "\n".join(self.log_text().splitlines()[-lines:])
         return f"--- last {lines} lines of {self.log_path} ---\n{tail}"
 
@@ -251,21 +276,25 @@ def _server_env(port: int, mode: str, ref: str, extra: dict[str, str] | None) ->
     return env | (extra or {})
 
 
-def _command(mode: str) -> list[str]:
-    command = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
+def _command(mode: str, host: str = "127.0.0.1") -> list[str]:
+    command = [sys.executable, "-m", "cog.server.http", "--host", host]
     return command + (["--x-mode", "train"] if mode == "train" else [])
 
 
-@contextlib.contextmanager
-def cog_server(
-    project_dir: Path, mode: str, env: dict[str, str] | None = None
-) -> Iterator[CogServer]:
-    """Write the schema, start the server in `project_dir`, wait for it, shut it down after.
+def start_server(
+    project_dir: Path,
+    mode: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    output: int | None = None,
+    host: str = "127.0.0.1",
+) -> CogServer:
+    """Write the schema and start the server in `project_dir`, without waiting for it.
 
     The schema covers cog.yaml's `predict` and `train` (one file serves both modes), or the
     default reference of `mode` without cog.yaml. `env` is added to the server's environment
-    (e.g. `COG_WEIGHTS`). The server is yielded once health reads READY or SETUP_FAILED
-    (see `.setup_failed`); the server log is deleted when the block exits cleanly.
+    (e.g. `COG_WEIGHTS`). `output`: a file descriptor for the server's output (None: this
+    process's stdout).
     """
     if mode not in DEFAULT_REFS:
         raise ValueError(f"mode must be 'predict' or 'train', not {mode!r}")
@@ -274,18 +303,30 @@ def cog_server(
     write_openapi_schema(project_dir, predict_ref, train_ref)
     ref = predict_ref if mode == "predict" else train_ref
     assert ref is not None
-    port = free_port()
+    port = port or free_port()
+    process = subprocess.Popen(
+        _command(mode, host),
+        cwd=project_dir,
+        env=_server_env(port, mode, ref, env),
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
+        start_new_session=True,
+    )
+    return CogServer(process, port, None)
+
+
+@contextlib.contextmanager
+def cog_server(
+    project_dir: Path, mode: str, env: dict[str, str] | None = None
+) -> Iterator[CogServer]:
+    """Start the server (see `start_server`) on a free 127.0.0.1 port with its output in a
+    log file, wait for it, shut it down after. The server is yielded once health reads READY
+    or SETUP_FAILED (see `.setup_failed`); the log is deleted when the block exits cleanly.
+    """
     log_fd, log_name = tempfile.mkstemp(prefix=f"cog-{mode}-", suffix=".log")
     with os.fdopen(log_fd, "wb") as log:
-        process = subprocess.Popen(
-            _command(mode),
-            cwd=project_dir,
-            env=_server_env(port, mode, ref, env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = CogServer(process, port, Path(log_name))
+        server = start_server(project_dir, mode, env, output=log.fileno())
+    server.log_path = Path(log_name)
     try:
         if server.wait_ready() == "DEFUNCT":
             raise RuntimeError(f"cog server is DEFUNCT\n{server.log_tail()}")
@@ -293,3 +334,35 @@ def cog_server(
     finally:
         server.shutdown()
     server.log_path.unlink()  # kept (and named in errors) only when something failed
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A webhook URL on 127.0.0.1 and the list of JSON bodies posted to it."""
+    received: list[dict[str, Any]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with loopback_server(Receiver) as url:
+        yield f"{url}/hook", received
+
+
+@contextlib.contextmanager
+def loopback_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on a free 127.0.0.1 port, in a thread; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
