@@ -73,8 +73,9 @@ def missing_inputs(env: os._Environ | dict[str, str]) -> str | None:
     demo's, before `make demo` has run)."""
     for name in ("BASE_MODEL", "COG_WEIGHTS"):
         value = env.get(name, "")
-        local = value and not value.startswith(("http://", "https://", "data:"))
-        if local and "/" in value and not Path(value).exists():
+        remote = value.startswith(("http://", "https://", "data:"))
+        hub_id = value.count("/") == 1 and not value.startswith((".", "/", "demo-output/"))
+        if value and not remote and not hub_id and not Path(value).exists():
             return (
                 f"{name}={value}: no such file or folder. `make demo` creates the demo's tiny "
                 f"model and weights in demo-output/; or set {name} to yours "
