@@ -8,11 +8,13 @@ upload URL). Each source is unpacked once into its own folder, named by a hash o
 """
 
 import hashlib
+import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors import safe_open
 
@@ -40,7 +42,10 @@ class WeightsStore:
     """Unpacked adapters under one root folder, one per distinct source."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root or Path(tempfile.mkdtemp(prefix="llama2-weights-"))
+        if root is None:
+            _remove_stores_of_gone_processes()
+            root = Path(tempfile.mkdtemp(prefix=f"{STORE_PREFIX}{os.getpid()}-"))
+        self.root = root
 
     def unpack(
         self, source: str, what: str = "weights", identity: str | None = None
@@ -75,6 +80,18 @@ class WeightsStore:
             stat = path.stat()
             return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         return source
+
+
+STORE_PREFIX = "llama2-weights-"
+
+
+def _remove_stores_of_gone_processes() -> None:
+    """A predictor's unpacked adapters outlive it only if it was killed: the next one
+    removes them (the folder names its process)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STORE_PREFIX}*"):
+        pid = folder.name.removeprefix(STORE_PREFIX).partition("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _key(identity: str) -> str:

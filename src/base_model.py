@@ -50,6 +50,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BASE_MODEL_CACHE") or Path.home() / ".cache" / "llama2-cog")
 
 
+COMPILER_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def keep_compiler_caches_out_of_tmp() -> None:
+    """torch.compile's and triton's caches into the cache folder (they default to TMPDIR,
+    which holds only what a request needs and is emptied of it); an operator's setting wins."""
+    for variable, name in COMPILER_CACHES.items():
+        os.environ.setdefault(variable, str(cache_dir() / name))
+
+
 def resolve_base_model(source: str | None = None) -> BaseModel:
     """The folder of the base model, fetching it into the cache the first time."""
     source = source or base_model_source()

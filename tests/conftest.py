@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    ARCHIVE_COPIES,
     FACTS,
     FAST_LEARNING,
     OTHER_FACTS,
@@ -25,6 +26,12 @@ from tools.cog_server import CogServer, cog_server
 from tools.tiny_model import TOKENIZER_FIXTURE, build_tiny_llama
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def archive_copies(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Where call_train keeps the archives it takes, as Cog takes them."""
+    ARCHIVE_COPIES.append(tmp_path_factory.mktemp("archives"))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ import contextlib
 import http.server
 import inspect
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,11 +67,17 @@ def train_defaults() -> dict[str, Any]:
     }
 
 
+ARCHIVE_COPIES: list[Path] = []  # a folder for call_train's copies (tests/conftest.py)
+
+
 def call_train(**overrides: Any) -> Path:
-    """Call train.train() in-process as Cog would, with the declared defaults filled in."""
+    """Call train.train() in-process as Cog would, with the declared defaults filled in, and
+    take the archive as Cog does once train() returns: the next training removes it."""
     import train
 
-    return Path(train.train(**{**train_defaults(), **overrides}).weights)
+    archive = Path(train.train(**{**train_defaults(), **overrides}).weights)
+    folder = Path(tempfile.mkdtemp(dir=ARCHIVE_COPIES[0] if ARCHIVE_COPIES else None))
+    return Path(shutil.copy(archive, folder / archive.name))
 
 
 @contextlib.contextmanager

@@ -286,7 +286,8 @@ def test_a_training_reports_to_weights_and_biases(train_server, wandb_dir, facts
     )
     epochs = [row for row in run["history"] if "validation/loss" in row]
     assert len(epochs) == FAST_LEARNING["num_train_epochs"]
-    assert any("validation/answers/_type" in row for row in run["history"])
+    answers = [row["validation/answer"] for row in run["history"] if "validation/answer" in row]
+    assert answers == metadata_of(archive)["results"]["validation_answers"]
     assert run["summary"]["status"] == "finished" and "loss_curve/_type" in run["summary"]
     # The key is nowhere: not in the logs, the weights, or anything wandb wrote.
     assert KEY not in result["logs"] and KEY.encode() not in archive.read_bytes()

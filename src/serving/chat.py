@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 
 from src.adapters import WeightsStore, check_adapter_fits
 from src.artifact import AdapterFiles
-from src.base_model import BaseModel, resolve_base_model
+from src.base_model import BaseModel, keep_compiler_caches_out_of_tmp, resolve_base_model
 from src.errors import UserInputError, raise_all
 from src.fetch import public_url
 from src.inputs import as_float, as_int
@@ -88,6 +88,7 @@ class ChatModel:
 
     def __init__(self, weights: str | None) -> None:
         clock = Stopwatch()
+        keep_compiler_caches_out_of_tmp()
         self.store = WeightsStore()
         # The setup weights are identified once: a later change or deletion of their file
         # does not change what requests without replicate_weights are served.

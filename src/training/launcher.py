@@ -28,6 +28,7 @@ from src.base_model import BaseModel
 from src.errors import UserInputError
 from src.log import log
 from src.prompt_format import TrainedSystemPrompt
+from src.training import outputs
 from src.training.batching import PackingStats, Rows
 from src.training.config import TrainConfig
 from src.training.continuation import LoraSettings, StartingAdapter
@@ -38,7 +39,8 @@ from src.training.job import TrainingJob
 from src.training.tracking import KEY_FILE_VARIABLE, hand_over_key
 
 PROCESSES_VARIABLE = "TRAIN_PROCESSES"  # overrides the number of processes (default: GPUs)
-LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # workers end themselves when it is gone
+# workers end themselves when it is gone, and name their output after it
+LAUNCHER_PID_VARIABLE = outputs.LAUNCHER_PID_VARIABLE
 STOP_GRACE_S = 10
 CANCELED = "canceled"  # in the job folder: the launcher is stopping the workers
 

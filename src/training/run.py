@@ -15,12 +15,13 @@ import transformers
 from src.artifact import (
     ADAPTER_CONFIG,
     ARCHIVE_NAME,
+    LOSS_CURVE,
     MAX_ARCHIVE_BYTES,
     base_model_fingerprint,
     plot_losses,
     write_archive,
 )
-from src.base_model import resolve_base_model
+from src.base_model import keep_compiler_caches_out_of_tmp, resolve_base_model
 from src.errors import UserInputError
 from src.log import Stopwatch, log
 from src.modeling import (
@@ -59,6 +60,7 @@ from src.training.job import TrainingJob
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt
 from src.training.memory import plan_for_device
+from src.training.outputs import clear_earlier_outputs, new_output_folder
 from src.training.tracking import reporting
 
 
@@ -69,6 +71,8 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
     devices (or TRAIN_PROCESSES), torchrun workers train on it data-parallel.
     """
     clock = Stopwatch()
+    clear_earlier_outputs([config.train_data, config.validation_data])
+    keep_compiler_caches_out_of_tmp()
     base = resolve_base_model()
     log(f"base model: {base.public_name} ({base.path})")
     folder = make_data_folder()
@@ -297,10 +301,10 @@ def log_packing(config: TrainConfig, stats: PackingStats) -> None:
 def save_weights(
     model: peft.PeftModel, job: TrainingJob, result: TrainResult, runtime: float
 ) -> tuple[Path, Path]:
-    """The weights archive, and the loss curve in it."""
+    """The weights archive (in a folder of its own, which outlives the training: Cog reads
+    it after train() returns) and the loss curve in it (in the data folder, which does not)."""
     config, base, start = job.config, job.base, job.start
-    out_dir = Path(tempfile.mkdtemp(prefix="llama2-training-"))
-    adapter_dir = out_dir / "adapter"
+    adapter_dir = job.data.folder / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     name_the_base_model(adapter_dir / ADAPTER_CONFIG, base.public_name)
     metadata = {
@@ -322,8 +326,13 @@ def save_weights(
             "python": platform.python_version(),
         },
     }
-    curve = plot_losses(result.train_losses, result.validation_losses, out_dir / "loss_curve.png")
-    archive = write_archive(adapter_dir, metadata, curve, out_dir / ARCHIVE_NAME)
+    curve = plot_losses(result.train_losses, result.validation_losses, adapter_dir / LOSS_CURVE)
+    out_dir = new_output_folder()
+    try:
+        archive = write_archive(adapter_dir, metadata, curve, out_dir / ARCHIVE_NAME)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a full disk leaves no half archive
+        raise
     log(f"weights: {archive.stat().st_size / 2**20:.1f} MiB archive, runtime {runtime:.1f} s")
     return archive, curve
 

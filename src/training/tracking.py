@@ -58,7 +58,6 @@ class WandbTracker(Tracker):
         import wandb  # only with a key
 
         self.wandb = wandb
-        self.answers: list[list[Any]] = []
         self.key = key
         self.run = wandb.init(
             project=project or DEFAULT_PROJECT,
@@ -78,10 +77,9 @@ class WandbTracker(Tracker):
         if "loss" in values:
             entries["validation/loss"] = values["loss"]
         if "answer" in values:
-            self.answers.append([epoch, values["prompt"], values["answer"]])
-            entries["validation/answers"] = self.wandb.Table(
-                columns=["epoch", "prompt", "answer"], data=list(self.answers)
-            )
+            # A string, not a wandb.Table: each Table leaves a temporary folder behind for
+            # the life of the process (a long-running train server's TMPDIR would fill).
+            entries["validation/answer"] = values["answer"]
         self.run.log(entries, step=step)
 
     def note(self, values: dict[str, Any]) -> None:
