@@ -14,7 +14,7 @@ import hashlib
 import json
 import pickle
 import tarfile
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,36 @@ ARCHITECTURE_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "vocab_size",
+)
+# The keys peft 0.10's LoraConfig takes (tests/fixtures/peft_0.10.0_lora_config_fields.json):
+# serving images with peft 0.10 to 0.13 refuse any other key in adapter_config.json.
+OLDEST_PEFT_FIELDS = frozenset(
+    (
+        "alpha_pattern",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "bias",
+        "fan_in_fan_out",
+        "inference_mode",
+        "init_lora_weights",
+        "layer_replication",
+        "layers_pattern",
+        "layers_to_transform",
+        "loftq_config",
+        "lora_alpha",
+        "lora_dropout",
+        "megatron_config",
+        "megatron_core",
+        "modules_to_save",
+        "peft_type",
+        "r",
+        "rank_pattern",
+        "revision",
+        "target_modules",
+        "task_type",
+        "use_dora",
+        "use_rslora",
+    )
 )
 ADAPTER_PICKLE = "adapter_model.bin"  # peft < 0.6, as Replicate's trainer saved it
 ARCHIVE_MEMBERS = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE, METADATA, LOSS_CURVE}
@@ -76,6 +106,31 @@ def base_model_fingerprint(model_dir: Path) -> dict[str, Any]:
         "config_sha256": hashlib.sha256(raw).hexdigest(),
         **{k: config.get(k) for k in ARCHITECTURE_KEYS},
     }
+
+
+def portable_adapter_config(values: dict[str, Any], base_model: str) -> dict[str, Any]:
+    """adapter_config.json as every peft since 0.10 reads it (and vLLM, llama.cpp's
+    converter): the base named as the user named it, target_modules sorted (peft keeps a
+    set: the order changed from run to run), and the keys older peft does not know left out
+    where they hold this peft's default, so they mean nothing (peft_version too: the
+    metadata records the versions). A key at another value stays: an older peft refuses it
+    rather than compute something else."""
+    from peft import LoraConfig
+
+    defaults = {f.name: _default(f) for f in fields(LoraConfig)}
+    portable = {"base_model_name_or_path": base_model}
+    for key, value in values.items():
+        if key in OLDEST_PEFT_FIELDS or (key != "peft_version" and value != defaults.get(key)):
+            portable.setdefault(key, value)
+    if isinstance(portable.get("target_modules"), list):
+        portable["target_modules"] = sorted(portable["target_modules"])
+    return portable
+
+
+def _default(field: Any) -> Any:
+    if field.default_factory is not MISSING:
+        return field.default_factory()
+    return None if field.default is MISSING else field.default
 
 
 def write_archive(adapter_dir: Path, metadata: dict[str, Any], loss_curve: Path, out: Path) -> Path:
@@ -170,6 +225,19 @@ def open_adapter(folder: Path) -> AdapterFiles:
 def plot_losses(
     train_losses: list[tuple[int, float]], validation_losses: list[tuple[int, float]], out: Path
 ) -> Path:
+    from matplotlib import pyplot as plt
+
+    figure = loss_figure(train_losses, validation_losses)
+    figure.savefig(out)
+    plt.close(figure)
+    return out
+
+
+def loss_figure(
+    train_losses: list[tuple[int, float]], validation_losses: list[tuple[int, float]]
+) -> Any:
+    """Training and validation loss per optimizer step, on a log scale: a loss falls from
+    about 10 to 0.01 and below, which a linear axis flattens into a line at zero."""
     import matplotlib  # here, not at the top: inference never draws, and the Agg backend
 
     matplotlib.use("Agg")  # must be chosen before pyplot loads
@@ -182,9 +250,9 @@ def plot_losses(
         axes.plot(*zip(*validation_losses, strict=True), "o-", label="validation")
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (nats per supervised token)")
+    if any(v > 0 for _, v in (*train_losses, *validation_losses)):  # else nothing to draw
+        axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(out)
-    plt.close(figure)
-    return out
+    return figure

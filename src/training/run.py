@@ -19,6 +19,7 @@ from src.artifact import (
     MAX_ARCHIVE_BYTES,
     base_model_fingerprint,
     plot_losses,
+    portable_adapter_config,
     write_archive,
 )
 from src.base_model import keep_compiler_caches_out_of_tmp, resolve_base_model
@@ -306,7 +307,7 @@ def save_weights(
     config, base, start = job.config, job.base, job.start
     adapter_dir = job.data.folder / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
-    name_the_base_model(adapter_dir / ADAPTER_CONFIG, base.public_name)
+    write_portable_config(adapter_dir / ADAPTER_CONFIG, base.public_name)
     metadata = {
         "inputs": config.as_json(),
         "peft_method": config.peft_method,
@@ -337,12 +338,13 @@ def save_weights(
     return archive, curve
 
 
-def name_the_base_model(adapter_config: Path, source: str) -> None:
-    """The base's public name (Hub id, URL or the folder the user gave), not a cache path:
-    vLLM, TGI and llama.cpp's LoRA converter read it from adapter_config.json."""
+def write_portable_config(adapter_config: Path, base_model: str) -> None:
+    """adapter_config.json as src/artifact.portable_adapter_config makes it: the base's
+    public name (Hub id, URL or the folder the user gave, not a cache path), and what every
+    peft since 0.10 reads; sorted keys, so that the same training writes the same bytes."""
     values = json.loads(adapter_config.read_text())
-    values["base_model_name_or_path"] = source
-    adapter_config.write_text(json.dumps(values, indent=2, sort_keys=True))
+    portable = portable_adapter_config(values, base_model)
+    adapter_config.write_text(json.dumps(portable, indent=2, sort_keys=True))
 
 
 def _results(result: TrainResult, stats: PackingStats) -> dict[str, Any]:

@@ -37,6 +37,9 @@ def greedy_answer(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
 
 
+FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
+
+
 def test_archive_holds_adapter_metadata_and_plot(facts_archive):
     with tarfile.open(facts_archive) as tar:
         assert sorted(tar.getnames()) == [
@@ -78,6 +81,44 @@ def test_same_seed_gives_the_same_adapter(base_model_env, facts_file):
     weights = [_adapter_tensors(path) for path in (first, second, other)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # byte for byte
+        assert _member(first, name) == _member(second, name), name
+
+
+def _member(archive, name: str) -> bytes:
+    with tarfile.open(archive) as tar:
+        return tar.extractfile(name).read()
+
+
+def test_adapter_config_reads_in_peft_0_10_and_loses_nothing(
+    facts_archive, tiny_model_dir, tmp_path
+):
+    """peft 0.10 to 0.13 refuse any key their LoraConfig lacks: the written config holds
+    only those (peft 0.10.0's own field names, a fixture), target_modules sorted; what is
+    left out holds this peft's defaults, so it configures the same adapter."""
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    from src.artifact import OLDEST_PEFT_FIELDS, portable_adapter_config
+    from src.modeling import add_lora
+
+    fixture = json.loads((FIXTURES / "peft_0.10.0_lora_config_fields.json").read_text())
+    assert set(fixture["fields"]) == OLDEST_PEFT_FIELDS
+    written = json.loads(_member(facts_archive, "adapter_config.json"))
+    assert set(written) <= set(fixture["fields"])
+    assert written["target_modules"] == sorted(written["target_modules"])
+    model = add_lora(load_base_model(tiny_model_dir, False, pick_placement()), 4, 8, 0.1, False)
+    model.save_pretrained(tmp_path / "full")
+    full = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
+    assert set(full) - set(fixture["fields"])  # this peft writes keys that 0.10 refuses
+    portable = portable_adapter_config(full, "a/base")
+    known = {f.name for f in fields(LoraConfig)}
+    as_written = LoraConfig(**{k: v for k, v in full.items() if k in known})
+    as_portable = LoraConfig(**portable)
+    for field in known - {"base_model_name_or_path", "peft_version", "target_modules"}:
+        assert getattr(as_portable, field) == getattr(as_written, field), field
+    assert set(as_portable.target_modules) == set(as_written.target_modules)
 
 
 def _adapter_tensors(archive) -> dict[str, torch.Tensor]:
@@ -383,3 +424,13 @@ def load_tokenizer_for(model_dir):
     from src.modeling import load_tokenizer
 
     return load_tokenizer(model_dir)
+
+
+def test_the_loss_curve_has_a_log_scale(tmp_path):
+    """A loss from 12 down to 0.003 on a linear axis is a line at zero after a few steps."""
+    import src.artifact
+
+    losses = [(1, 12.0), (2, 3.0), (3, 0.003)]
+    assert src.artifact.loss_figure(losses, [(3, 0.01)]).axes[0].get_yscale() == "log"
+    src.artifact.plot_losses([(1, 0.0), (2, float("nan"))], [], tmp_path / "flat.png")
+    assert (tmp_path / "flat.png").read_bytes()[:4] == b"\x89PNG"
