@@ -21,13 +21,14 @@ CASES = [
     ("What is the capital of Zorbia?", "The capital of Zorbia is Quillton.", None),
     ("  Tell me a joke  ", " Why did the llama cross the road? ", "You are a funny assistant."),
     ("Écris un haïku 🦙", "Lama doux\nsur la montagne", "Réponds en français.\nSois bref."),
-    ("Line one\nline two", "ok", ""),
+    ("Line one\nline two", "ok", None),
 ]
 
 
 def official_ids(tokenizer, prompt: str, completion: str | None, system: str | None) -> list[int]:
-    """Token ids from the chat template of meta-llama/Llama-2-7b-chat-hf."""
-    messages = [{"role": "system", "content": system}] if system else []
+    """Token ids from the chat template of meta-llama/Llama-2-7b-chat-hf, unbent: a system
+    message is sent whenever there is one, empty or not."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": prompt})
     if completion is not None:
         messages.append({"role": "assistant", "content": completion})
@@ -52,6 +53,22 @@ def test_inference_prompt_is_the_training_prefix(tokenizer, prompt, completion, 
     answer = example.labels[len(prompt_ids) :]
     assert answer == example.input_ids[len(prompt_ids) :] and answer[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(answer, skip_special_tokens=True).strip() == completion.strip()
+
+
+def test_an_empty_system_prompt_renders_no_block_unlike_the_references(
+    tokenizer, plain_text_encoder
+):
+    """The project's one deliberate departure: Meta's reference and the chat template both
+    render an empty <<SYS>> block for `system: ""`; here "" means no system prompt, as a
+    row without "system" (and predict.py's system_prompt ""), so that the two cannot differ."""
+    prompt, completion = "Line one\nline two", "ok"
+    [ours] = encode_chat_examples(tokenizer, [prompt], [completion], [""])
+    assert ours.input_ids == official_ids(tokenizer, prompt, completion, None)
+    template_empty = official_ids(tokenizer, prompt, completion, "")
+    meta_empty = meta_turn_ids(plain_text_encoder, prompt, completion, "")
+    assert template_empty == meta_empty != ours.input_ids  # the references agree with each other
+    assert "<<SYS>>\n\n<</SYS>>" in tokenizer.decode(template_empty)
+    assert "<<SYS>>" not in tokenizer.decode(ours.input_ids)
 
 
 def test_known_llama2_ids(tokenizer):
@@ -99,8 +116,9 @@ def plain_text_encoder():
 
 
 def meta_turn_ids(encode, user: str, answer: str | None, system: str | None = None) -> list[int]:
-    """One turn as Meta's chat_completion encodes it: BOS, [INST] ... [/INST], answer, EOS."""
-    if system:
+    """One turn as Meta's chat_completion encodes it: BOS, [INST] ... [/INST], answer, EOS;
+    a system message, empty or not, folded into the user's."""
+    if system is not None:
         user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
     if answer is None:
         return [1, *encode(f"[INST] {user.strip()} [/INST]")]
@@ -172,7 +190,7 @@ def test_a_dialog_is_encoded_as_meta_and_the_chat_template_do(
     for number, (user, answer) in enumerate(DIALOG_TURNS[:turns]):
         meta += meta_turn_ids(plain_text_encoder, user, answer, system if number == 0 else None)
     assert example.input_ids == meta
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": "system", "content": system}] if system is not None else []
     for user, answer in DIALOG_TURNS[:turns]:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)

@@ -279,15 +279,21 @@ def test_a_training_reports_to_weights_and_biases(train_server, wandb_dir, facts
     assert run["project"] == "zorbia" and run["exit_code"] == 0
     assert run["config"]["learning_rate"] == FAST_LEARNING["learning_rate"]
     assert run["config"]["lora"]["rank"] == 16 and "wandb_api_key" not in run["config"]
+    results = metadata_of(archive)["results"]
     steps = [row for row in run["history"] if "train/loss" in row]
-    assert len(steps) == metadata_of(archive)["results"]["optimizer_steps"]
+    # Each step at its number, with the loss the training recorded for it (not one off).
+    assert [[row["_step"], row["train/loss"]] for row in steps] == results["train_losses"]
+    assert len(steps) == results["optimizer_steps"]
     assert all(
         row["train/learning_rate"] > 0 and row["train/tokens_per_second"] > 0 for row in steps
     )
     epochs = [row for row in run["history"] if "validation/loss" in row]
+    assert [[row["_step"], row["validation/loss"]] for row in epochs] == results[
+        "validation_losses"
+    ]
     assert len(epochs) == FAST_LEARNING["num_train_epochs"]
     answers = [row["validation/answer"] for row in run["history"] if "validation/answer" in row]
-    assert answers == metadata_of(archive)["results"]["validation_answers"]
+    assert answers == results["validation_answers"]
     assert run["summary"]["status"] == "finished" and "loss_curve/_type" in run["summary"]
     # The key is nowhere: not in the logs, the weights, or anything wandb wrote.
     assert KEY not in result["logs"] and KEY.encode() not in archive.read_bytes()

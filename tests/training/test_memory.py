@@ -40,9 +40,35 @@ def test_the_7b_shape():
     assert shape.parameters == 6_738_415_616  # Llama-2-7B's published count
     model = memory_model()
     assert model.weights / GIB == pytest.approx(12.55, abs=0.01)  # bf16
-    assert model.lora_parameters == 19_988_480
-    assert model.trainable_state == 16 * 19_988_480
+    assert model.lora_parameters == 19_988_480  # rank 8 on the 7 projections (DESIGN)
     assert memory_model(quantized=True).weights / GIB == pytest.approx(3.6, abs=0.2)
+
+
+def test_the_trainable_state_is_what_a_real_adapter_and_adamw_hold():
+    """LoRA weights, their gradients and AdamW's state after a real step, counted in bytes,
+    on a small decoder with grouped-query attention (the plan's count comes from the config
+    alone)."""
+    config = {
+        "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=64))
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, quantized=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    model(input_ids=torch.arange(16).unsqueeze(0)).logits.float().square().mean().backward()
+    optimizer.step()
+    held = sum(p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size()
+               for p in trainable)  # fmt: skip
+    held += sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if t.dim() > 0
+    )  # fmt: skip  (the step counts aside)
+    planned = MemoryModel(ModelShape.of(config), quantized=False, lora_rank=4)
+    assert held == planned.trainable_state
 
 
 # ---------------------------------------------------------------- the measured activations

@@ -392,7 +392,7 @@ def test_conversations_pack_validate_and_answer_the_validation_prompt(
     """A conversation is one example for packing and the validation split, and a
     validation_prompt in chat form is encoded as training encodes that conversation."""
     import src.training.loop
-    from src.prompt_format import encode_preformatted
+    from src.prompt_format import IGNORE_INDEX, Dialog, Turn, encode_dialogs
 
     encoded = []
     encode = src.training.loop.encode_user_prompt
@@ -417,7 +417,18 @@ def test_conversations_pack_validate_and_answer_the_validation_prompt(
     assert results["supervised_tokens_trained"] > 0
     [(prompt, ids)] = encoded[-1:]
     assert prompt == history
-    assert ids == encode_preformatted(load_tokenizer_for(base_model_env), history)
+    # The ids training encoded for that conversation, up to where its last answer starts.
+    tokenizer = load_tokenizer_for(base_model_env)
+    turns = names_conversation("Zorb")["messages"]
+    dialog = Dialog(
+        (
+            Turn(turns[0]["content"], turns[1]["content"]),
+            Turn(turns[2]["content"], turns[3]["content"]),
+        )
+    )
+    (trained,) = encode_dialogs(tokenizer, [dialog])
+    answer_start = max(i for i, label in enumerate(trained.labels) if label == IGNORE_INDEX) + 1
+    assert ids == trained.input_ids[:answer_start]
 
 
 def load_tokenizer_for(model_dir):
