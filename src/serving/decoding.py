@@ -62,13 +62,22 @@ class EagerDecoder:
 
 
 @dataclass
-class _Graph:
-    """A captured decode step: write `token` and `position`, replay, read `logits`."""
+class StaticStep:
+    """A decode step over static buffers: `token` and `position` are written, `replay` runs
+    the step (a CUDA graph's replay, or the same step run eagerly over the same buffers, as
+    on a CPU), and `logits` holds its output. Everything but the replay itself is the same
+    code on every device, so a CPU test checks what a GPU replays from."""
 
-    graph: "torch.cuda.CUDAGraph"
     token: torch.Tensor  # (1, 1)
     position: torch.Tensor  # (1, 1)
     logits: torch.Tensor  # (1, 1, V), overwritten by every replay
+    replay: Callable[[], object]
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.fill_(position)
+        self.replay()
+        return self.logits[:, -1].clone()  # the next replay overwrites the buffer
 
 
 class GraphedDecoder:
@@ -81,7 +90,7 @@ class GraphedDecoder:
         self.context_window = context_window
         self.use_graphs = _device(model).type == "cuda" if graphs is None else graphs
         self.caches: dict[int, StaticCache] = {}
-        self.graphs: dict[tuple[str, int], _Graph] = {}
+        self.graphs: dict[tuple[str, int], StaticStep] = {}
         self.pool: tuple[int, int] | None = None  # one memory pool for all the graphs
         self.adapter = "base"  # what the model computes now: the graphs' key
         self.bucket = MIN_BUCKET
@@ -121,17 +130,24 @@ class GraphedDecoder:
         return output.logits[:, -1]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        graph = self._graph() if self.use_graphs else None
-        if graph is not None:
-            graph.token.copy_(token)
-            graph.position.fill_(self.position)
-            graph.graph.replay()
-            logits = graph.logits[:, -1].clone()  # the next replay overwrites the buffer
-        else:
-            position = torch.tensor([[self.position]], device=token.device)
-            logits = self._step(self._cache(self.bucket), token, position)[:, -1]
+        static = self._graph() if self.use_graphs else None
+        logits = (static or self._eager_step())(token, self.position)
         self.position += 1
         return logits
+
+    def _eager_step(self) -> StaticStep:
+        """The step as a graph would replay it, run eagerly over the same static buffers."""
+        device = _device(self.model)
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        position = torch.zeros(1, 1, dtype=torch.long, device=device)
+        cache = self._cache(self.bucket)
+        step = StaticStep(token, position, torch.empty(0), lambda: None)
+
+        def replay() -> None:  # a graph writes its output buffer; here the buffer is new
+            step.logits = self._step(cache, token, position)
+
+        step.replay = replay
+        return step
 
     def _bucket(self, tokens: int) -> int:
         bucket = MIN_BUCKET
@@ -150,7 +166,7 @@ class GraphedDecoder:
         output = self.model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
         return output.logits
 
-    def _graph(self) -> _Graph | None:
+    def _graph(self) -> StaticStep | None:
         key = (self.adapter, self.bucket)
         if key not in self.graphs:
             try:
@@ -163,7 +179,7 @@ class GraphedDecoder:
                 return None
         return self.graphs[key]
 
-    def _capture(self, cache: StaticCache) -> _Graph:
+    def _capture(self, cache: StaticCache) -> StaticStep:
         """Capture one decode step on `cache`, leaving its contents as they were."""
         device = _device(self.model)
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -181,7 +197,7 @@ class GraphedDecoder:
         finally:
             for layer, length in zip(cache.layers, lengths, strict=True):
                 layer.cumulative_length.copy_(length)  # the warm-up steps advanced it
-        return _Graph(graph, token, position, logits)
+        return StaticStep(token, position, logits, graph.replay)
 
 
 def _on_side_stream(work: Callable[[], object]) -> None:
