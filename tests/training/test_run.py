@@ -419,7 +419,7 @@ def test_conversations_pack_validate_and_answer_the_validation_prompt(
     assert prompt == history
     # The ids training encoded for that conversation, up to where its last answer starts.
     tokenizer = load_tokenizer_for(base_model_env)
-    turns = names_conversation("Zorb")["messages"]
+    turns = names_conversation("Zorb")["messages"][1:]  # the history has no system block
     dialog = Dialog(
         (
             Turn(turns[0]["content"], turns[1]["content"]),
