@@ -136,13 +136,12 @@ def test_a_worker_that_cannot_start_is_named_not_waited_for(tiny_model_dir, tmp_
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python").symlink_to(shutil.which("python3", path="/usr/bin"))
     env = {"BASE_MODEL": str(tiny_model_dir), "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
-    started = time.monotonic()
+    # Named as such: waiting out the ready timeout would raise a TimeoutError instead.
     with (
         pytest.raises(RuntimeError, match=re.escape(WORKER_DIED)),
         cog_server(PROJECT, "predict", env),
     ):
         pass
-    assert time.monotonic() - started < 60
 
 
 def test_serve_names_what_make_demo_would_have_made(tmp_path):
