@@ -201,7 +201,7 @@ def section_attention() -> dict:
 
 
 def _attention_paths(segments, mask: torch.Tensor, scale: float, varlen: bool) -> dict:
-    from src.attention import _split, _varlen
+    from src.attention import VarlenCall, _split, causal_varlen_kernel
 
     paths = {
         "split": lambda q, k, v: _split(q, k, v, segments.lengths, 0.0, scale, False),
@@ -210,7 +210,8 @@ def _attention_paths(segments, mask: torch.Tensor, scale: float, varlen: bool) -
         ).transpose(1, 2),
     }
     if varlen:
-        paths["varlen"] = lambda q, k, v: _varlen(q, k, v, segments, scale)
+        kernel = causal_varlen_kernel()
+        paths["varlen"] = lambda q, k, v: VarlenCall.of(q, k, v, segments, scale).run(kernel)
     return paths
 
 

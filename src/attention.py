@@ -114,26 +114,47 @@ def packed_sdpa(
         lengths = [q_length] if position_ids is None else segment_lengths(position_ids[0])
         packed_segments = PackedSegments.of(lengths, query.device)
     if dropout == 0.0 and varlen_supported(query):
-        return _varlen(query, key, value, packed_segments, scaling), None
+        kernel = causal_varlen_kernel()
+        assert kernel is not None  # varlen_supported checked it
+        return VarlenCall.of(query, key, value, packed_segments, scaling).run(kernel), None
     return _split(query, key, value, packed_segments.lengths, dropout, scaling, gqa), None
 
 
-def _varlen(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segments: PackedSegments,
-    scaling: float | None,
-) -> torch.Tensor:
-    if query.shape[1] != key.shape[1]:
-        repeat = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
-    kernel = causal_varlen_kernel()
-    assert kernel is not None
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D)
-    bounds, longest = segments.cu_seqlens, segments.max_length
-    output = kernel(q, k, v, bounds, bounds, longest, longest, scale=scaling)
-    return output.unsqueeze(0)  # (1, L, H, D)
+@dataclass(frozen=True)
+class VarlenCall:
+    """The arguments of one varlen flash call, built where the CPU tests run: only `run` with
+    the CUDA kernel is GPU-only. The kernel's contract: (L, H, D) query, key and value, the
+    cumulative segment bounds for both, the longest segment for both, and the scale."""
+
+    query: torch.Tensor  # (L, H, D)
+    key: torch.Tensor  # (L, H, D): grouped-query heads repeated to the query's count
+    value: torch.Tensor
+    cu_seqlens: torch.Tensor  # (S + 1,) int32
+    max_length: int
+    scale: float | None
+
+    @classmethod
+    def of(
+        cls,
+        query: torch.Tensor,  # (1, H, L, D)
+        key: torch.Tensor,  # (1, H_kv, L, D)
+        value: torch.Tensor,
+        segments: PackedSegments,
+        scaling: float | None,
+    ) -> "VarlenCall":
+        if query.shape[1] != key.shape[1]:
+            repeat = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        return cls(q, k, v, segments.cu_seqlens, segments.max_length, scaling)
+
+    def run(self, kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """(1, L, H, D), as transformers' attention interface returns it."""
+        bounds, longest = self.cu_seqlens, self.max_length
+        output = kernel(
+            self.query, self.key, self.value, bounds, bounds, longest, longest, scale=self.scale
+        )
+        return output.unsqueeze(0)
 
 
 def _split(

@@ -4,12 +4,15 @@ The split path runs everywhere; the varlen flash kernel runs where CUDA (compute
 8.0+) is present, in bf16, with tolerances for that precision.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from src.attention import (
     PackedSegments,
+    VarlenCall,
     packed_sdpa,
     segment_lengths,
     varlen_causal_kwargs,
@@ -120,3 +123,67 @@ def test_segment_lengths_and_cumulative_bounds():
     assert segments.cu_seqlens.tolist() == [0, 3, 4, 6]
     assert segments.cu_seqlens.dtype == torch.int32
     assert segments.max_length == 3
+
+
+def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
+    """varlen_attn's contract computed on a CPU: each segment of the (L, H, D) inputs attends
+    causally to itself, as the bounds say; the longest segment is checked, not trusted."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and cu_q[0] == 0
+    assert cu_q[-1] == q.shape[0] == k.shape[0] and q.shape[1] == k.shape[1] == v.shape[1]
+    assert max_q == max_k == int(cu_q.diff().max())
+    bounds = cu_q.tolist()
+    pieces = [
+        F.scaled_dot_product_attention(
+            *(t[start:end].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale
+        ).transpose(0, 1)
+        for start, end in itertools.pairwise(bounds)
+    ]
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("pass_segments", [True, False])
+def test_the_varlen_branch_builds_the_kernel_call_the_mask_describes(
+    monkeypatch, kv_heads, pass_segments
+):
+    """The GPU branch of packed_sdpa, run on a CPU up to the kernel: its bounds, its head
+    layout and its scale, given to a reference of the kernel's contract, equal masked sdpa."""
+    import src.attention as attention
+
+    monkeypatch.setattr(attention, "varlen_supported", lambda query: True)
+    monkeypatch.setattr(attention, "causal_varlen_kernel", lambda: reference_varlen_kernel)
+    torch.manual_seed(1)
+    lengths = [5, 2, 4, 1, 20]
+    positions = positions_of(lengths)
+    length = len(positions)
+    q = torch.randn(1, 4, length, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 1, kv_heads, length, 16, dtype=torch.float64)
+    segments = PackedSegments.of(lengths, q.device) if pass_segments else None
+    ours, _ = packed_sdpa(
+        torch.nn.Module(),
+        q,
+        k,
+        v,
+        None,
+        scaling=0.3,
+        position_ids=positions[None],
+        packed_segments=segments,
+    )
+    repeat = 4 // kv_heads
+    expected = F.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(repeat, 1),
+        v.repeat_interleave(repeat, 1),
+        attn_mask=block_causal_mask(positions),
+        scale=0.3,
+    ).transpose(1, 2)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_the_varlen_call_holds_the_kernel_layout():
+    q = torch.randn(1, 4, 6, 8)
+    k = torch.randn(1, 2, 6, 8)
+    call = VarlenCall.of(q, k, k, PackedSegments.of([2, 4], q.device), 0.5)
+    assert call.query.shape == call.key.shape == (6, 4, 8)
+    assert torch.equal(call.key[:, 1], k[0, 0]) and torch.equal(call.key[:, 2], k[0, 1])
+    assert call.cu_seqlens.tolist() == [0, 2, 6] and call.max_length == 4 and call.scale == 0.5
