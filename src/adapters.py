@@ -13,10 +13,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from src.artifact import (
     ADAPTER_CONFIG,
@@ -30,7 +31,7 @@ from src.artifact import (
     read_archive,
 )
 from src.base_model import BaseModel
-from src.errors import UserInputError, raise_all
+from src.errors import Problems, UserInputError, raise_all
 from src.fetch import describe_source, fetch_to_file
 from src.log import log
 
@@ -98,15 +99,35 @@ def _key(identity: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
+MAX_ADAPTER_MAGNITUDE = 1e4  # a trained LoRA entry is well under 1; beyond this, broken
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_adapter_fits(
     adapter: AdapterFiles, base: BaseModel, model: torch.nn.Module, what: str
 ) -> None:
-    """Refuse an adapter trained on another base. `model` is the base's module tree (its
-    weights may be on the meta device); `what` names the adapter in messages."""
+    """Refuse an adapter that does not fit this base, before anything touches a model:
+    its training base (from the metadata), its config, and every tensor (name, shape,
+    dtype, finite values of sane magnitude) against the layer it adapts, so that loading
+    cannot fail half-way. `model` is the base's module tree (its weights may be on the meta
+    device); `what` names the adapter in messages."""
     if adapter.metadata is None:
-        _check_foreign(adapter, model, what)
-        return
-    trained_on = adapter.metadata.get("base_model", {})
+        log(
+            f"{what}: no {METADATA} (trained elsewhere, such as by Replicate's trainer): taken "
+            f"as LoRA; its training facts are unknown"
+        )
+    else:
+        _check_training_base(adapter.metadata, base, what)
+    config = read_adapter_config(adapter.folder / ADAPTER_CONFIG)
+    problems: list[str] | Problems = adapter_config_problems(config)
+    if not problems:
+        problems = adapter_tensor_problems(adapter.folder / ADAPTER_WEIGHTS, model, config)
+    raise_all(problems, f"{what} do not fit this server's base model:")
+
+
+def _check_training_base(metadata: dict, base: BaseModel, what: str) -> None:
+    trained_on = metadata.get("base_model")
+    trained_on = trained_on if isinstance(trained_on, dict) else {}
     here = base_model_fingerprint(base.path)
     different = [k for k in ARCHITECTURE_KEYS if trained_on.get(k) != here.get(k)]
     if different:
@@ -121,52 +142,107 @@ def check_adapter_fits(
         )
 
 
-def _check_foreign(adapter: AdapterFiles, model: torch.nn.Module, what: str) -> None:
-    """An adapter trained elsewhere (Replicate's trainer wrote no metadata): taken as LoRA if
-    its tensors fit this base's layers. The base path in its adapter_config.json names a
-    folder on another machine and proves nothing."""
-    log(
-        f"{what}: no {METADATA} (trained elsewhere, such as by Replicate's trainer): taken as "
-        f"LoRA; its training facts are unknown"
-    )
-    config = read_adapter_config(adapter.folder / ADAPTER_CONFIG)
-    problems = adapter_shape_problems(adapter.folder / ADAPTER_WEIGHTS, model, config)
-    raise_all(problems, f"{what} do not fit this server's base model:")
-
-
-def adapter_shape_problems(weights: Path, base: torch.nn.Module, config: dict) -> list[str]:
-    """A LoRA adapter whose config names the modules its tensors adapt, every tensor against
-    the layer it adapts: lora_A is (rank, in), lora_B (out, rank)."""
+def adapter_config_problems(config: dict) -> list[str]:
+    """adapter_config.json's fields that say how the adapter computes, each of a usable type."""
     if config.get("peft_type", "LORA") != "LORA":
-        return [f"a {config.get('peft_type')} adapter: only LoRA adapters are served"]
+        return [f"{ADAPTER_CONFIG}: a {config.get('peft_type')} adapter: only LoRA is served"]
+    problems = []
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        problems.append(f"{ADAPTER_CONFIG}: r must be a positive whole number, got {rank!r}")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1e6:
+        problems.append(f"{ADAPTER_CONFIG}: lora_alpha must be a positive number, got {alpha!r}")
+    targets = config.get("target_modules")
+    names = [targets] if isinstance(targets, str) else targets
+    if not names or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.append(
+            f"{ADAPTER_CONFIG}: target_modules must be a module name, or a list of them, "
+            f"got {targets!r}"
+        )
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            problems.append(f"{ADAPTER_CONFIG}: target_modules {targets!r}: {error}")
+    return problems
+
+
+def adapter_tensor_problems(weights: Path, base: torch.nn.Module, config: dict) -> Problems:
+    """Every tensor of a LoRA adapter against the layer it adapts (lora_A is (rank, in),
+    lora_B (out, rank)), in a floating dtype, finite and under MAX_ADAPTER_MAGNITUDE; every
+    layer the config targets has both; the config targets some layer of this base."""
     linears = {
         name.removesuffix(".base_layer"): module
         for name, module in base.named_modules()
-        if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features")
+        if (isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"))
+        and ".lora_" not in name  # a served base's own adapters are not layers to adapt
     }
-    problems, adapted = [], set()
-    rank, targets = config.get("r"), set(config.get("target_modules") or [])
-    with safe_open(weights, framework="pt") as tensors:
-        for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
-            match = LORA_KEY.fullmatch(key)
-            if match is None:
-                problems.append(f"{key}: not a LoRA weight of a linear layer")
-                continue
-            adapted.add(match["module"].rsplit(".", 1)[-1])
-            module = linears.get(match["module"])
-            shape = tuple(tensors.get_slice(key).get_shape())
-            inner = shape[0] if match["part"] == "A" else shape[-1]
-            if module is None:
-                problems.append(f"{key}: this base has no layer {match['module']}")
-            elif match["part"] == "A" and shape[1:] != (module.in_features,):
-                problems.append(f"{key}: shape {shape}, the layer takes {module.in_features}")
-            elif match["part"] == "B" and shape[:1] != (module.out_features,):
-                problems.append(f"{key}: shape {shape}, the layer gives {module.out_features}")
-            elif inner != rank:
-                problems.append(f"{key}: rank {inner}, the config says r={rank}")
-    if adapted != targets:
+    targeted = {name for name in linears if _is_targeted(name, config["target_modules"])}
+    problems, seen = Problems(), set()
+    if not targeted:
         problems.append(
-            f"the config's target_modules {sorted(targets)} are not the modules its tensors "
-            f"adapt, {sorted(adapted)}"
+            f"{ADAPTER_CONFIG}: target_modules {config['target_modules']!r} name no linear "
+            f"layer of this base (its layers end in "
+            f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears}))})"
+        )
+        return problems
+    try:
+        with safe_open(weights, framework="pt") as tensors:
+            for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
+                problem = _tensor_problem(tensors, key, linears, targeted, config["r"])
+                if problem:
+                    problems.append(f"{key}: {problem}")
+                else:
+                    seen.add(key)
+    except SafetensorError as error:
+        problems.append(f"{ADAPTER_WEIGHTS} is not a readable safetensors file ({error})")
+        return problems
+    missing = [
+        f"base_model.model.{module}.lora_{part}.weight"
+        for module in sorted(targeted)
+        for part in "AB"
+        if f"base_model.model.{module}.lora_{part}.weight" not in seen
+    ]
+    if missing and not problems:
+        problems.append(
+            f"the config targets {len(targeted)} layers, but {len(missing)} of their LoRA "
+            f"tensors are missing, such as {missing[0]}"
         )
     return problems
+
+
+def _is_targeted(module: str, targets: str | list[str]) -> bool:
+    """peft's rule: a string is a regular expression for the whole module path, a list
+    holds names that end the path."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _tensor_problem(
+    tensors: Any, key: str, linears: dict, targeted: set[str], rank: int
+) -> str | None:
+    match = LORA_KEY.fullmatch(key)
+    if match is None:
+        return "not a LoRA weight of a linear layer"
+    module = linears.get(match["module"])
+    if module is None:
+        return f"this base has no layer {match['module']}"
+    if match["module"] not in targeted:
+        return "adapts a layer the config's target_modules leave out"
+    shape = tuple(tensors.get_slice(key).get_shape())
+    if match["part"] == "A" and shape != (rank, module.in_features):
+        return f"shape {shape}, expected {(rank, module.in_features)} (r, the layer's inputs)"
+    if match["part"] == "B" and shape != (module.out_features, rank):
+        return f"shape {shape}, expected {(module.out_features, rank)} (the layer's outputs, r)"
+    tensor = tensors.get_tensor(key)
+    if tensor.dtype not in ADAPTER_DTYPES:
+        return f"dtype {str(tensor.dtype).removeprefix('torch.')}, not a floating-point one"
+    finite = torch.isfinite(tensor)
+    if not finite.all():
+        return f"{int((~finite).sum())} of its {tensor.numel()} values are NaN or infinite"
+    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if largest > MAX_ADAPTER_MAGNITUDE:
+        return f"holds {largest:.3g}, beyond {MAX_ADAPTER_MAGNITUDE:.0e} in magnitude"
+    return None

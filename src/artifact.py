@@ -214,7 +214,14 @@ def open_adapter(folder: Path) -> AdapterFiles:
             )
     if not (folder / METADATA).is_file():
         return AdapterFiles(folder, None)
-    metadata = json.loads((folder / METADATA).read_text())
+    try:
+        metadata = json.loads((folder / METADATA).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserInputError(f"weights: {METADATA} is not valid JSON ({error})") from error
+    if not isinstance(metadata, dict):
+        raise UserInputError(
+            f"weights: {METADATA} is a JSON {type(metadata).__name__}, not an object"
+        )
     if metadata.get("format") != FORMAT_VERSION:
         raise UserInputError(
             f"weights: archive format {metadata.get('format')!r}, expected {FORMAT_VERSION!r}"

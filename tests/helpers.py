@@ -105,3 +105,30 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def with_member(archive: Path, out: Path, member: str, change: Callable[[bytes], bytes]) -> Path:
+    """A copy of a weights archive (tar) with one member's bytes replaced by `change(bytes)`."""
+    import io
+    import tarfile
+
+    with tarfile.open(archive) as source, tarfile.open(out, "w") as copy:
+        for info in source.getmembers():
+            data = source.extractfile(info).read()
+            if info.name == member:
+                data = change(data)
+            info.size = len(data)
+            copy.addfile(info, io.BytesIO(data))
+    return out
+
+
+def with_tensors(archive: Path, out: Path, change: Callable[[dict], None]) -> Path:
+    """A copy of a weights archive whose adapter tensors went through `change(tensors)`."""
+    from safetensors.torch import load, save
+
+    def rewrite(data: bytes) -> bytes:
+        tensors = load(data)
+        change(tensors)
+        return save(tensors)
+
+    return with_member(archive, out, "adapter_model.safetensors", rewrite)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import decode_weights
 from tests.helpers import (
@@ -14,6 +15,7 @@ from tests.helpers import (
     OTHER_FACTS,
     call_train,
     serve_directory,
+    with_tensors,
     write_jsonl,
 )
 from tools.cog_server import CogServer, cog_server
@@ -130,6 +132,36 @@ def test_bad_replicate_weights_fail_clearly_and_the_server_stays_ready(predict_s
     assert answer(server, prompt=PROMPT) == ANSWER
 
 
+def test_weights_that_fail_to_load_change_nothing_others_are_served(
+    predict_server, facts_archive, tmp_path
+):
+    """All tensors valid but one (a wrong shape, a NaN): refused by name, and the server's
+    own adapter, and the next swap, answer as before (the logits: tests/serving)."""
+    server, other_url = predict_server
+    before = [answer(server, prompt=p) for p, _ in FACTS]
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def wrong_shape(tensors):
+        tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+
+    def not_a_number(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+
+    for change, message in (
+        (wrong_shape, "shape (16, 257)"),
+        (not_a_number, "1 of its 4096 values are NaN or infinite"),
+    ):
+        bad = with_tensors(facts_archive, tmp_path / f"{change.__name__}.tar", change)
+        body = server.post(
+            "/predictions", {"input": {"prompt": PROMPT, "replicate_weights": str(bad)}}
+        )[1]
+        assert body["status"] == "failed" and f"{key}: {message}" in body["error"], body
+        assert server.wait_ready() == "READY"
+        assert [answer(server, prompt=p) for p, _ in FACTS] == before
+    assert answer(server, prompt=PROMPT, replicate_weights=other_url) == OTHER_FACTS[0][1]
+
+
 def test_full_loop_trained_over_http_served_from_a_url(tiny_model_dir, http_trained_weights):
     """Weights from the train server, downloaded by a fresh prediction server over HTTP."""
     with serve_directory(http_trained_weights.parent) as (url, requested):
@@ -209,3 +241,20 @@ def test_failing_setup_is_reported(tiny_model_dir, tmp_path):
     with cog_server(PROJECT, "predict", env) as server:
         assert server.setup_failed
         assert "weights: no such file" in server.log_text()
+
+
+def test_setup_weights_with_an_infinite_tensor_fail_setup_naming_it(
+    tiny_model_dir, facts_archive, tmp_path
+):
+    """Not READY and then failing every request: SETUP_FAILED, the log naming the tensor."""
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+
+    def infinite(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key][2, 1] = float("inf")
+
+    weights = with_tensors(facts_archive, tmp_path / "inf.tar", infinite)
+    env = {"BASE_MODEL": str(tiny_model_dir), "COG_WEIGHTS": str(weights)}
+    with cog_server(PROJECT, "predict", env) as server:
+        assert server.setup_failed, server.log_tail()
+        assert f"{key}: 1 of its 11264 values are NaN or infinite" in server.log_text()

@@ -55,6 +55,7 @@ from src.prompt_format import (
     is_preformatted,
 )
 from src.seeds import SEED_MAX, SEED_MIN
+from src.serving.attach import attach_adapter
 from src.serving.decoding import Decoder, EagerDecoder, GraphedDecoder
 from src.serving.generation import GenerationStats, SamplingSettings, stream_text
 
@@ -239,12 +240,7 @@ class ChatModel:
             ) from error
 
     def _attach(self, name: str, adapter: AdapterFiles) -> None:
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(adapter.folder, adapter_name=name, use_safetensors=True)
-        else:
-            self.model = PeftModel.from_pretrained(
-                self.model, adapter.folder, adapter_name=name, use_safetensors=True
-            )
+        self.model = attach_adapter(self.model, name, str(adapter.folder))
 
     def _deactivate(self) -> None:
         self.active = None

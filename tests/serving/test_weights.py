@@ -115,7 +115,7 @@ def test_an_adapter_for_another_shape_is_refused_before_it_loads(base_model_env,
         ChatModel(str(archive))
     message = str(error.value)
     assert "do not fit this server's base model" in message
-    assert "q_proj.lora_A.weight: shape (8, 64), the layer takes 256" in message
+    assert "q_proj.lora_A.weight: shape (8, 64), expected (8, 256) (r, the layer's" in message
 
 
 class Exploit:
@@ -174,9 +174,9 @@ def test_hostile_zips_are_refused_like_hostile_tars(tmp_path, monkeypatch, build
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"target_modules": ["v_proj"]}, "target_modules ['v_proj'] are not the modules its"),
-        ({"r": 16}, "rank 8, the config says r=16"),
-        ({"peft_type": "PREFIX_TUNING"}, "only LoRA adapters are served"),
+        ({"target_modules": ["v_proj"]}, "adapts a layer the config's target_modules leave out"),
+        ({"r": 16}, "shape (8, 256), expected (16, 256)"),
+        ({"peft_type": "PREFIX_TUNING"}, "only LoRA is served"),
     ],
 )
 def test_a_foreign_config_must_describe_its_tensors(
