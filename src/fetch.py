@@ -23,6 +23,7 @@ is the proxy's). Loopback and private addresses stay allowed: operators have int
 import base64
 import binascii
 import contextlib
+import functools
 import http.client
 import ipaddress
 import math
@@ -183,7 +184,10 @@ class _Download:
         self.deadline = time.monotonic() + limits.deadline_s
         self.done = self.total = 0
         self.expired = False
-        self.sock: socket.socket | None = None
+        self.reader: socket.socket | None = None  # the socket the body is read from
+        # Duplicates of each connection's socket, for the watchdog: TLS wraps the socket
+        # into another object (detaching the first), and a duplicate shuts either down.
+        self.cutters: list[socket.socket] = []
         self._lock = threading.Lock()
 
     def remaining(self) -> float:
@@ -212,20 +216,24 @@ class _Download:
             named = peer if peer == host else f"{host} ({peer})"
             raise UserInputError(f"{self.what}: refusing to download from {named}: {reason}")
         with self._lock:
-            self.sock = sock
+            self.cutters.append(sock.dup())
             expired = self.expired
         if expired:
             self.cut()
+
+    def end_attempt(self) -> None:
+        with self._lock:
+            cutters, self.cutters, self.reader = self.cutters, [], None
+        for cutter in cutters:
+            cutter.close()
 
     def cut(self) -> None:
         """The watchdog, at the deadline: a read blocked in any phase returns or fails."""
         with self._lock:
             self.expired = True
-            sock = self.sock
-        if sock is not None:
-            # the plain socket's shutdown, also under TLS: it only wakes the reader
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            for cutter in self.cutters:
+                with contextlib.suppress(OSError):
+                    cutter.shutdown(socket.SHUT_RDWR)
 
     def deadline_error(self) -> UserInputError:
         share = f" of {self.total / 2**20:.1f}" if self.total else ""
@@ -255,32 +263,41 @@ def _per_second(rate: float) -> str:
 
 
 class _CheckedOpen:
-    """do_open with connections that show each socket to the download as soon as it is
-    connected: before the TLS handshake or a proxy tunnel, so that no byte of a request
-    reaches a refused peer, and the watchdog can cut a handshake that drips."""
+    """do_open with connections that show their sockets to the download."""
 
     job: _Download
 
     def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
-        job = self.job
-
-        def connection(host: str, **options: Any) -> http.client.HTTPConnection:
-            conn = http_class(host, **options)
-            create = conn._create_connection  # socket.create_connection, or a test's stand-in
-
-            def connect(address: tuple[str, int], *args: Any, **kw: Any) -> socket.socket:
-                sock = create(address, *args, **kw)
-                try:
-                    job.connected(sock, address[0])
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-
-            conn._create_connection = connect
-            return conn
-
+        connection = functools.partial(_checked_connection, http_class, self.job)
         return super().do_open(connection, req, **kwargs)  # type: ignore[misc]
+
+
+def _checked_connection(
+    http_class: type[http.client.HTTPConnection], job: _Download, host: str, **options: Any
+) -> http.client.HTTPConnection:
+    """A connection whose socket is checked (and duplicated for the watchdog) as soon as TCP
+    connects, before the TLS handshake or a proxy tunnel: no byte of a request reaches a
+    refused peer, and a handshake that drips can be cut. Once connected (after TLS), the
+    socket the body is read from is noted, for the read timeouts."""
+    conn = http_class(host, **options)
+    create, connect = conn._create_connection, conn.connect
+
+    def create_checked(address: tuple[str, int], *args: Any, **kw: Any) -> socket.socket:
+        sock = create(address, *args, **kw)
+        try:
+            job.connected(sock, address[0])
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def connect_noted() -> None:
+        connect()
+        job.reader = conn.sock
+
+    conn._create_connection = create_checked  # type: ignore[method-assign]
+    conn.connect = connect_noted  # type: ignore[method-assign]
+    return conn
 
 
 class _CheckedHTTPHandler(_CheckedOpen, urllib.request.HTTPHandler):
@@ -343,7 +360,6 @@ class _RateMeter:
 def _download_once(job: _Download, destination: Path) -> None:
     started = time.monotonic()
     job.done = job.total = 0
-    job.sock = None  # a retry's connection is a new one
     watchdog = threading.Timer(max(job.remaining(), 0.0), job.cut)
     watchdog.daemon = True
     watchdog.start()
@@ -357,6 +373,7 @@ def _download_once(job: _Download, destination: Path) -> None:
         raise
     finally:
         watchdog.cancel()
+        job.end_attempt()
     log(
         f"downloaded {public_url(job.url)} ({job.done / 2**20:.1f} MiB in "
         f"{time.monotonic() - started:.1f} s)"
@@ -390,8 +407,8 @@ def _transfer(job: _Download, destination: Path) -> None:
 def _read(job: _Download, response: http.client.HTTPResponse) -> bytes:
     """What has arrived (read1: not waiting for a whole chunk), with a timeout that lets
     the deadline and rate checks run; a read timed out by the window is a rate failure."""
-    if job.sock is not None:
-        job.sock.settimeout(job.read_timeout())
+    if job.reader is not None:
+        job.reader.settimeout(job.read_timeout())
     try:
         return response.read1(CHUNK_BYTES)
     except TimeoutError:

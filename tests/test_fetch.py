@@ -4,7 +4,10 @@
 import base64
 import contextlib
 import http.server
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +40,37 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A self-signed certificate for 127.0.0.1: the server's context and one that trusts it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    command += ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    command += ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+@pytest.fixture
+def https(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> ssl.SSLContext:
+    """The server's TLS context; the client (urllib's default context) trusts it."""
+    monkeypatch.setattr(ssl, "_create_default_https_context", lambda: tls[1])
+    return tls[0]
+
+
 @contextlib.contextmanager
-def serve(*responses: Respond) -> Iterator[tuple[str, list[str]]]:
+def serve(
+    *responses: Respond, tls: ssl.SSLContext | None = None
+) -> Iterator[tuple[str, list[str]]]:
     """A server on 127.0.0.1 answering its n-th request with responses[n] (the last one for
-    every later request); yields its base URL and the paths asked."""
+    every later request), over TLS with `tls`; yields its base URL and the paths asked."""
     requested: list[str] = []
     stopping = threading.Event()
 
@@ -58,10 +88,13 @@ def serve(*responses: Respond) -> Iterator[tuple[str, list[str]]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+        scheme = "https" if tls else "http"
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}", requested
     finally:
         stopping.set()
         server.shutdown()
@@ -179,6 +212,56 @@ def test_the_deadline_holds_while_the_headers_drip(
         message = timed_download(f"{url}/w", tmp_path / "out")
     assert "not done after 1 s (DOWNLOAD_DEADLINE_S)" in message
     assert len(requested) == 1
+
+
+def test_over_tls_the_bytes_the_rate_and_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, https: ssl.SSLContext
+) -> None:
+    """TLS wraps the connected socket into another: reads and the watchdog must use that."""
+    payload = bytes(range(256)) * 8_000
+    with serve(body(payload), tls=https) as (url, _):
+        download(f"{url}/w", tmp_path / "out", "init_weights")
+    assert (tmp_path / "out").read_bytes() == payload
+
+    monkeypatch.setenv("DOWNLOAD_MIN_BYTES_PER_S", "100")
+    monkeypatch.setenv("DOWNLOAD_RATE_WINDOW_S", "1")
+    with serve(drip(every_s=2.0), tls=https) as (url, _):  # silence for a whole window
+        message = timed_download(f"{url}/w", tmp_path / "out")
+    assert "0 bytes in the last 1 s (DOWNLOAD_RATE_WINDOW_S)" in message
+
+    monkeypatch.setenv("DOWNLOAD_DEADLINE_S", "1")
+    monkeypatch.setenv("DOWNLOAD_MIN_BYTES_PER_S", "0")
+    with serve(drip_headers(every_s=0.2), tls=https) as (url, requested):
+        message = timed_download(f"{url}/w", tmp_path / "out")
+    assert "not done after 1 s (DOWNLOAD_DEADLINE_S)" in message
+    assert len(requested) == 1
+
+
+def test_the_deadline_holds_while_the_tls_handshake_drips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS record header announcing 16 KiB, then a byte every 0.2 s: only the watchdog,
+    cutting the connection under the TLS socket, stops it."""
+    monkeypatch.setenv("DOWNLOAD_DEADLINE_S", "1")
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopping = threading.Event()
+
+    def drip_handshake() -> None:
+        peer, _ = listener.accept()
+        with peer, contextlib.suppress(OSError):
+            peer.sendall(b"\x16\x03\x03\x40\x00")
+            while not stopping.wait(0.2):
+                peer.sendall(b"\x00")
+
+    thread = threading.Thread(target=drip_handshake, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        message = timed_download(f"https://127.0.0.1:{port}/w", tmp_path / "out")
+    finally:
+        stopping.set()
+        listener.close()
+    assert "not done after 1 s (DOWNLOAD_DEADLINE_S)" in message
 
 
 def test_a_bad_setting_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
