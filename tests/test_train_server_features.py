@@ -15,13 +15,23 @@ import torch
 from peft import PeftModel
 
 from src.artifact import read_archive
+from src.errors import UserInputError
 from src.modeling import load_base_model, pick_placement
 from src.prompt_format import encode_chat_examples
 from src.training.batching import build_rows
 from src.training.examples import Examples
 from src.training.loop import validation_loss
 from tests.conftest import _train
-from tests.helpers import FACTS, FAST_LEARNING, NEW_FACTS, OTHER_FACTS, wait_for, write_jsonl
+from tests.helpers import (
+    FACTS,
+    FAST_LEARNING,
+    NEW_FACTS,
+    OTHER_FACTS,
+    call_train,
+    wait_for,
+    with_tensors,
+    write_jsonl,
+)
 from tests.training.test_run import greedy_answer
 from tools.cog_server import CogServer
 
@@ -140,6 +150,68 @@ def test_weights_of_another_base_are_refused_before_the_data_is_read(
     )
     assert "hidden_size" in result["error"] and "train: " not in result["logs"]
     assert train_server.wait_ready() == "READY"
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("nan", "lora_B.weight: 1 of its 4096 values are NaN or infinite"),
+        ("huge", "lora_A.weight: holds 1e+30, beyond 1e+04 in magnitude"),
+        ("shape", "lora_A.weight: shape (16, 255), expected (16, 256)"),
+    ],
+)
+def test_broken_init_weights_are_refused_by_tensor_before_the_data_is_read(
+    train_server, facts_archive, tmp_path, bad, message
+):
+    """Not a training of `loss nan` at every step that returns a NaN adapter."""
+    a_key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    b_key = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+
+    def change(tensors):
+        if bad == "shape":
+            tensors[a_key] = torch.zeros(16, 255)
+            return
+        key = b_key if bad == "nan" else a_key
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[7] = float("nan") if bad == "nan" else 1e30
+
+    broken = with_tensors(facts_archive, tmp_path / "broken.tar", change)
+    new = write_jsonl(tmp_path / "new.jsonl", rows(NEW_FACTS))
+    body = {"input": {"train_data": str(new), "init_weights": str(broken)}}
+    _, result = train_server.post("/trainings", body, timeout=120)
+    assert result["status"] == "failed"
+    assert f"init_weights {broken} do not fit" in result["error"]
+    assert message in result["error"] and "train: " not in result["logs"]
+    assert train_server.wait_ready() == "READY"
+
+
+def test_a_training_whose_loss_overflows_stops_naming_the_step_and_the_learning_rate(
+    base_model_env, facts_file
+):
+    """learning_rate 1e30 (in-process: the schema caps it at 1, under which the tiny model
+    does not overflow): the first update overflows the adapter, the second step's loss is
+    NaN; the training fails there instead of returning a broken adapter."""
+    with pytest.raises(UserInputError) as error:
+        call_train(train_data=str(facts_file), **{**FAST_LEARNING, "learning_rate": 1e30})
+    assert (
+        "training stopped at optimizer step 2 (epoch 1): the loss is nan, so the adapter would "
+        "be broken and none is returned. Lower learning_rate (this step's was 1e+30)"
+    ) in str(error.value)
+
+
+def test_a_non_finite_gradient_norm_stops_the_training_too(base_model_env, facts_file, monkeypatch):
+    """A finite loss with gradients that overflowed (as bf16 can): stopped, not applied."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    norms = iter([1.0, 2.0, float("inf")])
+
+    def overflow_at_step_3(parameters, max_norm):
+        real_clip(parameters, max_norm)
+        return torch.tensor(next(norms))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflow_at_step_3)
+    with pytest.raises(UserInputError) as error:
+        call_train(train_data=str(facts_file), **{**FAST_LEARNING, "num_train_epochs": 2})
+    assert "optimizer step 3 (epoch 1): the gradient norm is inf" in str(error.value)
 
 
 # --- keep_best_epoch and early_stopping_patience ----------------------------------------------

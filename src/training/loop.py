@@ -18,6 +18,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from src.attention import PackedSegments
+from src.errors import UserInputError
 from src.log import Stopwatch, format_duration, log
 from src.modeling import set_activation_checkpointing
 from src.prompt_format import (
@@ -245,7 +246,9 @@ class _Step:
             for group in forward_groups(self.rows, rows, self.forwards.tokens)
         ]
         lr = self.scheduler.get_last_lr()[0]
-        loss = self._update(batches, plan.num_targets)
+        loss, grad_norm = self._update(batches, plan.num_targets)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise non_finite_step(result.planned_steps_done + 1, epoch, loss, grad_norm, lr)
         self.scheduler.step()
         seconds = time.perf_counter() - started
         result.record_step(plan, loss, seconds)
@@ -256,8 +259,9 @@ class _Step:
              "epoch": epoch + 1},
         )  # fmt: skip
 
-    def _update(self, batches: list[MicroBatch], step_targets: int) -> float:
-        """One update from this rank's passes; returns the step's loss over all ranks."""
+    def _update(self, batches: list[MicroBatch], step_targets: int) -> tuple[float, float]:
+        """One update from this rank's passes; returns the step's loss over all ranks and the
+        gradient norm before clipping. A non-finite one makes no update (the caller stops)."""
         self.model.train()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         loss = accumulate_gradients(self.model, batches, step_targets, self.device, self.forwards)
@@ -268,10 +272,24 @@ class _Step:
             loss_tensor = torch.tensor([loss], device=self.device)
             sum_over_ranks([p.grad for p in parameters] + [loss_tensor], self.world)
             loss = loss_tensor.item()
-        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss, grad_norm
+
+
+def non_finite_step(
+    step: int, epoch: int, loss: float, grad_norm: float, lr: float
+) -> UserInputError:
+    """The error that stops a training whose loss or gradients overflowed: the adapter it
+    would return is broken, so none is. Every rank sees the same summed figures."""
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    return UserInputError(
+        f"training stopped at optimizer step {step} (epoch {epoch + 1}): {what}, so the "
+        f"adapter would be broken and none is returned. Lower learning_rate (this step's was "
+        f"{lr:.3g}); if init_weights were given, check that they are a good training's"
+    )
 
 
 def accumulate_gradients(
