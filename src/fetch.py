@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from src.errors import UserInputError
+from src.local_files import special_file_problem
 from src.log import log
 
 PROGRESS_EVERY_S = 10
@@ -66,6 +67,9 @@ def fetch_to_file(source: str, destination: Path, what: str) -> Path:
         destination.write_bytes(decode_data_uri(source, what))
         return destination
     path = Path(source.removeprefix("file://"))
+    special = special_file_problem(path, what)
+    if special:
+        raise UserInputError(f"{special}: give a weights archive")
     if not path.is_file():
         raise UserInputError(f"{what}: no such file: {source}")
     return path

@@ -132,6 +132,17 @@ def test_bad_replicate_weights_fail_clearly_and_the_server_stays_ready(predict_s
     assert answer(server, prompt=PROMPT) == ANSWER
 
 
+def test_a_repetition_penalty_near_zero_is_refused_by_name(predict_server):
+    """Dividing a seen token's logits by 1e-40 overflows them: refused, not a raw
+    probability-tensor error; the server answers the next request."""
+    server, _ = predict_server
+    inputs = {**GREEDY, "prompt": PROMPT, "repetition_penalty": 1e-40}
+    body = server.post("/predictions", {"input": inputs})[1]
+    assert body["status"] == "failed"
+    assert "repetition_penalty must be 0 or 1 (off) or at least 0.01" in body["error"]
+    assert answer(server, prompt=PROMPT) == ANSWER
+
+
 def test_weights_that_fail_to_load_change_nothing_others_are_served(
     predict_server, facts_archive, tmp_path
 ):

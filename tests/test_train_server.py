@@ -1,6 +1,8 @@
 """Training through Cog's real HTTP server (coglet) on 127.0.0.1, with the schema of train.py."""
 
+import gzip
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -56,6 +58,54 @@ def test_bad_data_fails_clearly_and_the_server_stays_ready(train_server, served_
         assert status == 200 and result["status"] == "failed"
         assert message in result["error"]
         assert train_server.wait_ready() == "READY"
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _written(content: bytes):
+    return lambda path: (path.write_bytes(content), path)[1]
+
+
+NESTED = b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}\n"
+SECRET_ROLE = "s3cr3t-" * 20
+HOSTILE_DATA = {
+    "proc": (lambda _: Path("/proc/self/environ"), "is a system file under /proc"),
+    "device": (lambda _: Path("/dev/zero"), "is a system file under /dev"),
+    "fifo": (_fifo, "is not a regular file (a device, FIFO or socket)"),
+    "gzip": (
+        _written(gzip.compress(b'{"text": "a"}\n' * 100)),
+        "looks compressed (gzip): decompress it first (for example with `gunzip`)",
+    ),
+    "surrogate": (
+        _written(b'{"prompt": "\\ud800", "completion": "x"}\n'),
+        'train_data line 1: "prompt" holds a lone surrogate escape',
+    ),
+    "nested": (_written(NESTED), "line 1: not a row: JSON nested too deeply"),
+    "nul": (
+        _written(b'{"text": "a\x00b"}\n'),
+        "line 1: not valid JSON (Invalid control character at column 12)",
+    ),
+    "long-value": (
+        _written(json.dumps({"messages": [{"role": SECRET_ROLE, "content": "x"}]}).encode()),
+        "message 1: unknown role 's3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t-s...",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_DATA)
+def test_hostile_train_data_is_refused_by_what_it_is(train_server, tmp_path, case):
+    """Special files are never opened, and no error repeats more of a file than it needs
+    to name the problem; the server takes the next request."""
+    build, message = HOSTILE_DATA[case]
+    path = build(tmp_path / f"{case}.jsonl")
+    status, result = train_server.post("/trainings", {"input": {"train_data": str(path)}})
+    assert status == 200 and result["status"] == "failed", result
+    assert message in result["error"]
+    assert SECRET_ROLE not in result["error"] and "Traceback" not in result["error"]
+    assert train_server.wait_ready() == "READY"
 
 
 def test_micro_batch_larger_than_global_batch_is_refused(train_server, served_data):

@@ -57,7 +57,12 @@ from src.prompt_format import (
 from src.seeds import SEED_MAX, SEED_MIN
 from src.serving.attach import attach_adapter
 from src.serving.decoding import Decoder, EagerDecoder, GraphedDecoder
-from src.serving.generation import GenerationStats, SamplingSettings, stream_text
+from src.serving.generation import (
+    MIN_REPETITION_PENALTY,
+    GenerationStats,
+    SamplingSettings,
+    stream_text,
+)
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
 DTYPE_VARIABLE = "PREDICT_DTYPE"
@@ -335,6 +340,12 @@ def build_chat_request(
     )
     if settings.seed is not None and not SEED_MIN <= settings.seed <= SEED_MAX:
         problems.append(f"seed must be a signed 64-bit integer, got {settings.seed}")
+    penalty = settings.repetition_penalty
+    if isinstance(penalty, float) and 0 < penalty < MIN_REPETITION_PENALTY:
+        problems.append(
+            f"repetition_penalty must be 0 or 1 (off) or at least {MIN_REPETITION_PENALTY}, "
+            f"got {penalty}: dividing logits by less overflows them"
+        )
     if not prompt.strip():
         problems.append("prompt is empty")
     if "{prompt}" not in prompt_template:

@@ -25,6 +25,9 @@ from src.serving.decoding import Decoder
 REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 byte sequence decodes to
 
 
+MIN_REPETITION_PENALTY = 0.01  # a seen token's logit divided by less can overflow to inf
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     max_new_tokens: int

@@ -13,6 +13,7 @@ from typing import Any
 from src.errors import raise_all
 from src.fetch import describe_source
 from src.inputs import as_float, as_int
+from src.local_files import special_file_problem
 from src.seeds import SEED_MAX, SEED_MIN
 
 PEFT_METHODS = ("lora", "qlora")
@@ -153,6 +154,9 @@ def _as_path(name: str, value: Any, problems: list[str]) -> Path | None:
         problems.append(f"{name} must be a file path or URL, got {value!r}")
         return None
     path = Path(value)
-    if not path.is_file():
+    special = special_file_problem(path, name)
+    if special:
+        problems.append(f"{special}: give a JSONL file")
+    elif not path.is_file():
         problems.append(f"{name}: no such file: {value}")
     return path

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from src.errors import Problems, UserInputError, raise_all
+from src.local_files import special_file_problem
 from src.log import format_duration, log
 from src.prompt_format import (
     Dialog,
@@ -70,6 +71,32 @@ class TrainingData:
     system_prompt: TrainedSystemPrompt = NO_CHAT_ROWS
 
 
+COMPRESSED = {  # what a compressed file starts with
+    b"\x1f\x8b": ("gzip", "gunzip"),
+    b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+    b"BZh": ("bzip2", "bunzip2"),
+    b"\xfd7zXZ\x00": ("xz", "unxz"),
+    b"PK\x03\x04": ("zip", "unzip"),
+}
+
+
+def check_data_file(path: Path, name: str) -> None:
+    """Refuse what is no data file before reading it: a device, a FIFO, a socket, or a file
+    under /proc, /sys or /dev (a local path is read from the server's own disk), and say
+    so when a file is compressed."""
+    problem = special_file_problem(path, name)
+    if problem:
+        raise UserInputError(f"{problem}: give a JSONL file")
+    with path.open("rb") as file:
+        head = file.read(8)
+    for magic, (kind, command) in COMPRESSED.items():
+        if head.startswith(magic):
+            raise UserInputError(
+                f"{name} ({path.name}) looks compressed ({kind}): decompress it first (for "
+                f"example with `{command}`) and give the JSONL file itself"
+            )
+
+
 def prepare_file(
     path: Path,
     name: str,
@@ -85,6 +112,7 @@ def prepare_file(
     Python work overlaps the tokenization. Every bad line is found and raised together at the
     end; after the first, lines are only checked, no longer tokenized.
     """
+    check_data_file(path, name)
     size = path.stat().st_size
     _refuse_empty_or_array(path, name)
     check_room(path, name, tokenizer, folder)
@@ -146,9 +174,9 @@ class RowReader:
     def batches(self, path: Path) -> Iterator[_Batch]:
         batch = _Batch()
         rows = consumed = 0
-        for number, raw in enumerate(_lines(path), start=1):
-            consumed += len(raw) + 1
-            row = self.row(number, raw)
+        for number, (raw, length) in enumerate(_lines(path), start=1):
+            consumed += length + 1
+            row = self.row(number, raw, length)
             if row is None:
                 continue
             if self.systems is not None and isinstance(row, Dialog):
@@ -162,12 +190,14 @@ class RowReader:
         if batch.pieces:
             yield batch
 
-    def row(self, number: int, raw: bytes) -> str | Dialog | None:
+    def row(self, number: int, raw: bytes | None, length: int) -> str | Dialog | None:
+        """The checked row of a line (None: blank or bad); `raw` is None for a line longer
+        than MAX_LINE_BYTES, of which only the `length` was kept."""
         where = f"{self.name} line {number}"
         known = len(self.problems)
-        if len(raw) > MAX_LINE_BYTES:
+        if raw is None or length > MAX_LINE_BYTES:
             self.problems.append(
-                f"{where}: {_size(len(raw))}, longer than a row may be ({_size(MAX_LINE_BYTES)}:"
+                f"{where}: {_size(length)}, longer than a row may be ({_size(MAX_LINE_BYTES)}:"
                 f" tokenizing one row takes about 100 times its size in memory); split it"
             )
             self.bad_lines += 1
@@ -211,26 +241,44 @@ class RowReader:
             log(f"{self.name}: {rows:,} rows in {format_duration(time.monotonic() - self.started)}")
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def _lines(path: Path, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[bytes | None, int]]:
     """The file's lines without their endings, as bytes.splitlines gives them for the whole
-    file (its UTF-8 byte-order mark dropped), read piece by piece. A line longer than a piece
-    is gathered, not re-split, until its end comes."""
+    file (its UTF-8 byte-order mark dropped), read piece by piece, each with its length. A
+    line longer than a piece is gathered until its end comes; one longer than `limit` comes
+    as None with its length, its bytes dropped as they are read, so that memory stays bounded
+    by the limit whatever the file (a file of zeros without a newline, for one)."""
     with path.open("rb") as file:
         head = file.read(len(UTF8_BOM)).removeprefix(UTF8_BOM)
         pending = [head] if head else []  # the start of a line that goes on
+        held = len(head)  # the bytes in `pending`
+        dropped = 0  # bytes of the line that goes on, dropped: it is longer than the limit
         while True:
             chunk = file.read(READ_BYTES)
             if chunk and b"\n" not in chunk and b"\r" not in chunk:
-                pending.append(chunk)
+                if pending and pending[-1].endswith(b"\r"):  # a lone "\r" ended that line
+                    line = b"".join(pending)[:-1]
+                    length, dropped = dropped + len(line), 0
+                    yield (None if length > limit else line), length
+                    pending, held = [], 0
+                if dropped or held + len(chunk) > limit:
+                    dropped, pending, held = dropped + held + len(chunk), [], 0
+                else:
+                    pending.append(chunk)
+                    held += len(chunk)
                 continue
             lines = b"".join([*pending, chunk]).splitlines(keepends=True)
             # The last line may go on in the next piece; "\r" may be half of "\r\n".
-            goes_on = chunk and lines and not lines[-1].endswith(b"\n")
-            pending = [lines.pop()] if goes_on else []
+            goes_on = bool(chunk and lines and not lines[-1].endswith(b"\n"))
+            last = lines.pop() if goes_on else b""
             for line in lines:
-                yield line.removesuffix(b"\n").removesuffix(b"\r")
+                line = line.removesuffix(b"\n").removesuffix(b"\r")
+                length, dropped = dropped + len(line), 0
+                yield (None if length > limit else line), length
             if not chunk:
+                if dropped:  # the file ends inside a line that is too long
+                    yield None, dropped
                 return
+            pending, held = ([last], len(last)) if last else ([], 0)
 
 
 def _refuse_empty_or_array(path: Path, name: str) -> None:
@@ -251,8 +299,8 @@ def _refuse_empty_or_array(path: Path, name: str) -> None:
         if not (opens and closes):
             return
         file.seek(first)
-        line = b""
-        while b"\n" not in line and file.tell() <= last:
+        line = b""  # the first line, read no further than a row may be long
+        while b"\n" not in line and file.tell() <= last and len(line) <= MAX_LINE_BYTES:
             line += file.read(READ_BYTES)
     first_line, newline, _ = line.partition(b"\n")
     if newline and first + len(first_line) < last:
@@ -282,14 +330,15 @@ def _content_bounds(path: Path) -> tuple[int, int] | None:
             position += len(chunk)
         if first is None:
             return None
-        end = size
-        while True:
+        end = max(size, position)  # what was read, should the size have said less
+        while end > first:
             begin = max(first, end - READ_BYTES)
             file.seek(begin)
             stripped = file.read(end - begin).rstrip()
             if stripped:
                 return first, begin + len(stripped) - 1
             end = begin
+        return first, first  # never reached for a regular file (check_data_file)
 
 
 def check_room(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> None:
@@ -305,7 +354,8 @@ def check_room(path: Path, name: str, tokenizer: Tokenizer, folder: Path) -> Non
     sample = sum(map(len, lines))
     reader, pieces = RowReader(name, size), []
     for number, line in enumerate(lines, start=1):
-        row = reader.row(number, line.rstrip(b"\r\n"))
+        line = line.rstrip(b"\r\n")
+        row = reader.row(number, line, len(line))
         if row is not None:
             pieces += text_pieces(row) if isinstance(row, str) else dialog_pieces(row)
     encoded = encode_texts(tokenizer, [p.text for p in pieces])
@@ -354,12 +404,25 @@ def _parse_line(
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        problems.append(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
+        # json's messages for control characters end in " at": the column follows here
+        reason = error.msg.removesuffix(" at")
+        problems.append(f"{where}: not valid JSON ({reason} at column {error.colno})")
+        return None
+    except RecursionError:
+        problems.append(f"{where}: not a row: JSON nested too deeply (a thousand levels or more)")
         return None
     if not isinstance(record, dict):
         problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
         return None
-    unknown.update(set(record) - KNOWN_FIELDS)
+    _note_unknown(unknown, set(record) - KNOWN_FIELDS)
+    if "\\u" in line:  # a lone surrogate can only come from an escape such as "\ud800"
+        field_name = _lone_surrogate_field(record)
+        if field_name:
+            problems.append(
+                f'{where}: "{field_name}" holds a lone surrogate escape (\\ud800 to \\udfff '
+                f"without its pair), which is no character: fix how the file was written"
+            )
+            return None
     if "messages" in record:
         return _conversation_row(record, where, problems, unknown)
     before = len(problems)
@@ -388,6 +451,47 @@ def _parse_line(
         return None
     turn = Turn(record["prompt"], record["completion"])
     return Dialog((turn,), record.get("system") or None)
+
+
+def _lone_surrogate_field(record: dict) -> str | None:
+    """The first text field (or message content) that UTF-8 cannot encode, if any."""
+    values = [(key, record[key]) for key in sorted(TEXT_FIELDS & set(record))]
+    messages = record.get("messages")
+    if isinstance(messages, list):
+        values += [
+            (f"messages[{index}].content", message.get("content"))
+            for index, message in enumerate(messages)
+            if isinstance(message, dict)
+        ]
+    for name, value in values:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
+QUOTED_CHARACTERS = 40  # of a value from the file that an error quotes: enough to find it
+SHOWN_UNKNOWN_FIELDS = 20  # distinct unknown field names kept for the log
+
+
+def _note_unknown(unknown: set[str], names: set[str]) -> None:
+    """Unknown field names for the log, shortened, and only the first few distinct ones (a
+    file with another key on every line must not fill the memory or the log)."""
+    for name in names:
+        if len(unknown) >= SHOWN_UNKNOWN_FIELDS:
+            return
+        unknown.add(
+            name if len(name) <= QUOTED_CHARACTERS else name[: QUOTED_CHARACTERS - 3] + "..."
+        )
+
+
+def _quoted(value: object) -> str:
+    """A value from the file as an error may quote it: short, so that an error names the
+    problem without repeating what the file holds."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_CHARACTERS else text[: QUOTED_CHARACTERS - 3] + "..."
 
 
 def _conversation_row(
@@ -424,9 +528,11 @@ def _check_message(message: object, where: str, problems: Problems, unknown: set
         problems.append(f"{where}: {what}: tool calling is not supported")
         return
     if role not in ROLES:
-        problems.append(f"{where}: unknown role {role!r} (system, user or assistant)")
+        problems.append(f"{where}: unknown role {_quoted(role)} (system, user or assistant)")
         return
-    unknown.update(f"messages[].{key}" for key in set(message) - MESSAGE_FIELDS - TOOL_KEYS)
+    _note_unknown(
+        unknown, {f"messages[].{key}" for key in set(message) - MESSAGE_FIELDS - TOOL_KEYS}
+    )
     content = message.get("content")
     if not isinstance(content, str):
         problems.append(f'{where}: "content" must be a string, got {type(content).__name__}')
@@ -437,7 +543,7 @@ def _check_message(message: object, where: str, problems: Problems, unknown: set
         if role != "assistant":
             problems.append(f'{where}: "weight" is for assistant messages, not {role}')
         elif isinstance(weight, bool) or weight not in (0, 1):
-            problems.append(f'{where}: "weight" must be 0 or 1, got {weight!r}')
+            problems.append(f'{where}: "weight" must be 0 or 1, got {_quoted(weight)}')
 
 
 def _dialog(messages: list[dict], where: str, problems: Problems) -> Dialog | None:

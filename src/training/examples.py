@@ -18,12 +18,14 @@ by every data-parallel worker, instead of in each process's memory. Files of one
 """
 
 import json
+import shutil
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from src.errors import UserInputError
 from src.prompt_format import IGNORE_INDEX, TokenizedExample
 
 ARRAYS = {
@@ -149,17 +151,40 @@ class ExampleWriter:
         """A batch of examples: their tokens end to end, their lengths and lines."""
         offsets = self.tokens + np.cumsum(lengths, dtype=np.int64)
         supervised = count_targets(trained, lengths)
-        for name, values in (
-            ("input_ids", input_ids), ("trained", trained), ("offsets", offsets),
-            ("lines", lines), ("supervised", supervised),
-        ):  # fmt: skip
-            np.ascontiguousarray(values, ARRAYS[name]).tofile(self.files[name])
+        try:
+            for name, values in (
+                ("input_ids", input_ids), ("trained", trained), ("offsets", offsets),
+                ("lines", lines), ("supervised", supervised),
+            ):  # fmt: skip
+                np.ascontiguousarray(values, ARRAYS[name]).tofile(self.files[name])
+        except OSError as error:  # numpy says "N requested and M written" when the disk is full
+            raise self._out_of_room(error) from error
         self.examples += len(lengths)
         self.tokens += int(lengths.sum())
 
+    def _out_of_room(self, error: OSError) -> UserInputError:
+        free = shutil.disk_usage(self.folder).free
+        return UserInputError(
+            f"{self.source}: the disk ran out of room while its tokenized rows were written "
+            f"to {self.folder.parent} ({free / 1e6:,.1f} MB free; the data takes about "
+            f"{BYTES_PER_TOKEN} bytes per token, {self.tokens:,} tokens written so far): free "
+            f"some room there, or set TMPDIR to a folder with more ({error})"
+        )
+
     def finish(self) -> Examples:
-        for file in self.files.values():
-            file.close()
+        try:
+            for file in self.files.values():
+                file.close()
+        except OSError as error:
+            raise self._out_of_room(error) from error
+        # A full disk does not always fail a write: numpy's buffered writes can lose bytes
+        # silently (the file is then short), so every file is measured.
+        counts = {"input_ids": self.tokens, "trained": self.tokens, "offsets": self.examples + 1}
+        for name, dtype in ARRAYS.items():
+            expected = counts.get(name, self.examples) * np.dtype(dtype).itemsize
+            written = (self.folder / f"{self.source}.{name}").stat().st_size
+            if written != expected:
+                raise self._out_of_room(OSError(f"{name}: {expected} bytes, {written} written"))
         counts = {"examples": self.examples, "tokens": self.tokens}
         (self.folder / f"{self.source}.json").write_text(json.dumps(counts))
         return Examples.open(self.folder, self.source)

@@ -2,6 +2,8 @@
 anything touches the model, and undone if loading fails anyway. Non-finite weights are
 refused by name."""
 
+import re
+
 import peft.peft_model
 import pytest
 import torch
@@ -160,3 +162,21 @@ def test_broken_archives_are_refused_by_what_is_wrong(
     with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
         model.use_weights(str(archive))
     assert logits(model).equal(before)
+
+
+def test_special_files_are_never_read_as_weights(served, tmp_path):
+    """A local replicate_weights is read from the server's own disk: regular files only."""
+    import os
+
+    model = served["plain base"]
+    fifo = tmp_path / "weights.tar"
+    os.mkfifo(fifo)  # opening it would block the server for good
+    for path, message in (
+        ("/proc/self/environ", "is a system file under /proc"),
+        ("/dev/zero", "is a system file under /dev"),
+        (str(fifo), "is not a regular file (a device, FIFO or socket)"),
+    ):
+        with pytest.raises(
+            UserInputError, match=re.escape(f"replicate_weights ({path}) {message}")
+        ):
+            model.use_weights(path)

@@ -184,10 +184,12 @@ def test_bad_inputs_are_reported_together():
                 "prompt": " ",
                 "prompt_template": "no placeholder",
                 "max_new_tokens": 2.5,
+                "repetition_penalty": 1e-40,
             }
         )
     message = str(error.value)
     assert "max_new_tokens must be a whole number, got 2.5" in message
+    assert "repetition_penalty must be 0 or 1 (off) or at least 0.01, got 1e-40" in message
     assert "prompt is empty" in message and "prompt_template must contain {prompt}" in message
 
 

@@ -1,13 +1,20 @@
 """Reading and checking JSONL data: every bad line named, the documented validation split."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from src.errors import UserInputError
 from src.prompt_format import Dialog, Turn, encode_dialogs, encode_text_examples
-from src.training.data import check_lengths, check_supervised, prepare_file, split_validation
+from src.training.data import (
+    _content_bounds,
+    check_lengths,
+    check_supervised,
+    prepare_file,
+    split_validation,
+)
 from src.training.examples import Examples
 
 
@@ -259,3 +266,31 @@ def test_the_system_prompt_of_the_chat_rows_is_counted(tmp_path, tokenizer):
 
 def pair_messages() -> list[dict]:
     return [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
+
+
+def test_a_disk_that_fills_while_the_data_is_written_is_named(tmp_path, tokenizer):
+    """/dev/full stands for the full disk: every write fails with ENOSPC."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    data = tmp_path / "facts.jsonl"
+    data.write_text('{"prompt": "p", "completion": "c"}\n' * 8)
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    (folder / "train_data.input_ids").symlink_to("/dev/full")
+    with pytest.raises(UserInputError) as error:
+        prepare_file(data, "train_data", tokenizer, folder)
+    message = str(error.value)
+    assert "train_data: the disk ran out of room while its tokenized rows were written" in message
+    assert f"to {tmp_path}" in message and "set TMPDIR to a folder with more" in message
+
+
+def test_content_bounds_never_loops_on_a_file_larger_than_its_size_says():
+    """/proc files say size 0 and read bytes (train_data refuses them before this)."""
+    import threading
+
+    found = []
+    status = Path("/proc/self/status")
+    reader = threading.Thread(target=lambda: found.append(_content_bounds(status)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert found and found[0][0] == 0 and found[0][1] > 0

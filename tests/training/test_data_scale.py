@@ -104,7 +104,44 @@ def test_lines_split_exactly_as_bytes_splitlines(tmp_path, monkeypatch, data_byt
     monkeypatch.setattr(data, "READ_BYTES", read_bytes)
     path = tmp_path / "lines.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + data_bytes)
-    assert list(data._lines(path)) == data_bytes.splitlines()
+    expected = data_bytes.splitlines()
+    assert list(data._lines(path)) == [(line, len(line)) for line in expected]
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 64])
+def test_a_line_beyond_the_limit_comes_as_its_length_only(tmp_path, monkeypatch, read_bytes):
+    monkeypatch.setattr(data, "READ_BYTES", read_bytes)
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b"ab\r\n" + b"x" * 40 + b"\ncd\r" + b"y" * 41)
+    assert list(data._lines(path, limit=40)) == [
+        (b"ab", 2),
+        (b"x" * 40, 40),
+        (b"cd", 2),
+        (None, 41),
+    ]
+
+
+def test_a_file_without_a_newline_is_refused_in_memory_bounded_by_the_row_limit(
+    tokenizer, tmp_path
+):
+    """Not read whole: an 80 MB file of zeros costs about the 16 MiB row limit (and a read)."""
+    import tracemalloc
+
+    path = tmp_path / "zeros.jsonl"
+    with path.open("wb") as file:
+        for _ in range(10):
+            file.write(b"0" * 8 * 2**20)
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserInputError) as error:
+            data.prepare_file(path, "train_data", tokenizer, folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "train_data line 1: 83.9 MB, longer than a row may be (16.8 MB" in str(error.value)
+    assert peak < 48 * 2**20, f"{peak / 2**20:.0f} MiB"
 
 
 def test_the_same_examples_in_the_same_order(tokenizer, tmp_path, small_pieces):
