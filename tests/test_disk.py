@@ -12,7 +12,7 @@ from pathlib import Path
 
 from src.adapters import STORE_PREFIX
 from src.serving.chat import MAX_LOADED_ADAPTERS
-from src.training.outputs import OUTPUT_PREFIX
+from src.training.outputs import OUTPUT_PREFIX, remove_cog_leftovers
 from tests.helpers import FACTS, FAST_LEARNING, loopback_server, serve_directory, wait_for
 from tools.cog_server import cog_server
 
@@ -105,3 +105,24 @@ def test_predictions_keep_what_the_adapter_cache_holds(
     assert project_files(tmp) == [store.name]
     assert len(unpacked) == MAX_LOADED_ADAPTERS  # the setup weights and the 3 latest
     assert all((folder / ".complete").is_file() for folder in unpacked)
+
+
+def test_only_cog_s_partial_data_downloads_are_removed(tmp_path):
+    """Old, closed, not this training's input, and a data file's name: a developer's shared
+    /tmp keeps other programs' temporary files."""
+
+    def made(name: str, age_s: float = 3600) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"{}")
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    partial, other = made("tmpab12cd_9data.jsonl"), made("tmpab12cd_9notes.bin")
+    young, kept = made("tmpzz12cd_9young.jsonl", age_s=5), made("tmpqq12cd_9input.json")
+    held = made("tmpop12cd_9open.txt")
+    with held.open("rb"):
+        remove_cog_leftovers(tmp_path, {kept.resolve()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (other, young, kept, held)
+    )
+    assert not partial.exists()

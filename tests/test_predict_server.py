@@ -15,6 +15,7 @@ from tests.helpers import (
     OTHER_FACTS,
     call_train,
     serve_directory,
+    with_member,
     with_tensors,
     write_jsonl,
 )
@@ -170,6 +171,21 @@ def test_weights_that_fail_to_load_change_nothing_others_are_served(
         assert body["status"] == "failed" and f"{key}: {message}" in body["error"], body
         assert server.wait_ready() == "READY"
         assert [answer(server, prompt=p) for p, _ in FACTS] == before
+    broken_members = [
+        (
+            "adapter_config.json",
+            lambda d: d.replace(b'"r": 16', b'"r": "eight"'),
+            "r must be a positive whole number",
+        ),
+        ("training_metadata.json", lambda d: b"[" + d + b"]", "metadata.json is a JSON list"),
+        ("adapter_model.safetensors", lambda d: d[:-64], "is not a readable safetensors file"),
+    ]
+    for member, change, message in broken_members:
+        bad = with_member(facts_archive, tmp_path / f"{member}.tar", member, change)
+        inputs = {"prompt": PROMPT, "replicate_weights": str(bad)}
+        body = server.post("/predictions", {"input": inputs})[1]
+        assert body["status"] == "failed" and message in body["error"], body
+        assert answer(server, prompt=PROMPT) == before[0]
     assert answer(server, prompt=PROMPT, replicate_weights=other_url) == OTHER_FACTS[0][1]
 
 

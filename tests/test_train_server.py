@@ -88,6 +88,10 @@ HOSTILE_DATA = {
         _written(b'{"text": "a\x00b"}\n'),
         "line 1: not valid JSON (Invalid control character at column 12)",
     ),
+    "no-newline": (
+        _written(b"0" * (17 * 2**20)),
+        "train_data line 1: 17.8 MB, longer than a row may be (16.8 MB",
+    ),
     "long-value": (
         _written(json.dumps({"messages": [{"role": SECRET_ROLE, "content": "x"}]}).encode()),
         "message 1: unknown role 's3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t-s...",

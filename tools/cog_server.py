@@ -109,7 +109,8 @@ class CogServer:
             alive = [c for c in children if c.status() != psutil.STATUS_ZOMBIE]
         except psutil.Error:
             return False
-        return not alive and (bool(children) or time.monotonic() - self.started > 10)
+        # a worker reaped leaves no child: after a while (slow on a loaded machine), dead
+        return not alive and (bool(children) or time.monotonic() - self.started > 30)
 
     def request(
         self,

@@ -66,8 +66,11 @@ def main(out_dir: Path = PROJECT_DIR / "demo-output") -> None:
     env = {"BASE_MODEL": str(model_dir), "COG_WEIGHTS": str(weights)}
     say("chatting with the trained model through the Cog prediction server (default inputs)")
     with cog_server(PROJECT_DIR, "predict", env) as server:
-        for prompt, _ in FACTS:
-            chat(server, prompt)
+        answers = [(prompt, chat(server, prompt), trained) for prompt, trained in FACTS]
+    wrong = [f"  {p!r}: {a!r}, trained {t!r}" for p, a, t in answers if a != t]
+    if wrong:  # CI runs the demo: a newcomer's first result is checked, not only shown
+        raise SystemExit("the trained model did not answer as trained:\n" + "\n".join(wrong))
+    say(f"all {len(answers)} answers are the trained ones")
     say(
         "next: serve these weights yourself and ask them a question\n"
         "  make serve          # Cog's prediction server on 127.0.0.1:5002, these weights\n"
@@ -128,13 +131,22 @@ def describe_weights(weights: Path, out_dir: Path) -> None:
     )
 
 
-def chat(server: CogServer, prompt: str) -> None:
+def chat(server: CogServer, prompt: str) -> str:
+    """Ask with the predictor's defaults (system_prompt: as trained); print the answer as it
+    streams, and return it."""
     print(f"\n> {prompt}\n", end="", flush=True)
-    inputs = {"prompt": prompt, "temperature": 0.01, "seed": 0}  # system_prompt: as trained
+    inputs = {"prompt": prompt, "temperature": 0.01, "seed": 0}
+    chunks = []
     for event in server.stream_prediction(inputs):
         if event.event == "output":
-            print(event.data["chunk"], end="", flush=True)
+            chunks.append(event.data["chunk"])
+            print(chunks[-1], end="", flush=True)
+        elif event.event == "completed" and event.data.get("status") != "succeeded":
+            raise SystemExit(
+                f"the prediction {event.data.get('status')}: {event.data.get('error')}"
+            )
     print(flush=True)
+    return "".join(chunks)
 
 
 if __name__ == "__main__":

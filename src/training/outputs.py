@@ -8,8 +8,8 @@ those of processes that are gone, never another running server's.
 
 Cog downloads a URL given as train_data or validation_data itself, before train() runs,
 into `tmpXXXXXXXX<file name>` in TMPDIR; a download that fails leaves the partial file
-behind. The next training removes such files when nothing has them open and they are not
-this training's inputs.
+behind. The next training removes such files of data (.jsonl, .json, .ndjson, .txt) when
+nothing has them open and they are not this training's inputs.
 """
 
 import os
@@ -26,8 +26,9 @@ from src.log import log
 
 OUTPUT_PREFIX = "llama2-output-"
 LAUNCHER_PID_VARIABLE = "TRAIN_LAUNCHER_PID"  # set by the launcher for its workers
-# tempfile.NamedTemporaryFile(suffix=filename) as Cog 0.23 names a downloaded input
-COG_DOWNLOAD = re.compile(r"tmp[a-z0-9_]{8}.+")
+# tempfile.NamedTemporaryFile(suffix=filename) as Cog 0.23 names a downloaded input; only
+# data files' names, so that other programs' temporary files in a shared /tmp are left alone
+COG_DOWNLOAD = re.compile(r"tmp[a-z0-9_]{8}.+\.(jsonl|json|ndjson|txt)")
 LEFTOVER_AGE_S = 60  # younger files may be a download still being written
 
 
