@@ -103,6 +103,10 @@ class MicroBatch:
     input_ids: torch.Tensor  # (1, N): the micro-batch's rows end to end
     position_ids: torch.Tensor  # (1, N), restarting at 0 at each segment
     targets: torch.Tensor  # (1, N), the token to predict at each position, or IGNORE_INDEX
+    # Built on the host, so that the loss gathers its positions without asking the device
+    # which they are (a boolean mask would sync the host with the GPU at every pass):
+    supervised_positions: torch.Tensor  # (T,) int64: the positions whose target is a token
+    supervised_targets: torch.Tensor  # (T,) int64: those targets
     num_targets: int
     num_real_tokens: int
     segment_lengths: tuple[int, ...]  # for the attention (src/attention.PackedSegments)
@@ -274,6 +278,16 @@ def forward_groups(rows: Rows, row_ids: np.ndarray, max_tokens: int | None) -> l
     return groups
 
 
+def _host(values: np.ndarray, unsqueeze: bool = False) -> torch.Tensor:
+    """An int64 tensor for the device, in pinned memory where there is a GPU, so that its copy
+    to the device does not wait for the host (`non_blocking=True` copies from pageable memory
+    are synchronous)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(values, np.int64))
+    if torch.cuda.is_available():
+        tensor = tensor.pin_memory()
+    return tensor.unsqueeze(0) if unsqueeze else tensor
+
+
 def collate(rows: Rows, segments: np.ndarray) -> MicroBatch:
     """Segments laid end to end as one sequence of shape (1, N): no padding.
 
@@ -298,11 +312,14 @@ def collate(rows: Rows, segments: np.ndarray) -> MicroBatch:
     positions = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     ids = np.concatenate(input_ids) if input_ids else np.zeros(0, np.int32)
     target_array = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+    supervised = np.flatnonzero(target_array != IGNORE_INDEX)
     return MicroBatch(
-        input_ids=torch.from_numpy(ids.astype(np.int64)).unsqueeze(0),
-        position_ids=torch.from_numpy(positions.astype(np.int64)).unsqueeze(0),
-        targets=torch.from_numpy(target_array.astype(np.int64)).unsqueeze(0),
-        num_targets=int((target_array != IGNORE_INDEX).sum()),
+        input_ids=_host(ids, unsqueeze=True),
+        position_ids=_host(positions, unsqueeze=True),
+        targets=_host(target_array, unsqueeze=True),
+        supervised_positions=_host(supervised),
+        supervised_targets=_host(target_array[supervised]),
+        num_targets=len(supervised),
         num_real_tokens=total,
         segment_lengths=tuple(lengths.tolist()),
     )

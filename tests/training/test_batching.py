@@ -108,6 +108,9 @@ def test_collate_lays_rows_end_to_end_with_restarting_positions():
     assert batch.targets[0, :3].tolist() == [*first[1:], IGNORE_INDEX]
     assert batch.num_targets == 2 + 3 + 1 == rows.num_targets.sum()
     assert batch.segment_lengths == (3, 4, 2) and batch.num_real_tokens == 9
+    supervised = (batch.targets[0] != IGNORE_INDEX).nonzero().flatten()
+    assert batch.supervised_positions.tolist() == supervised.tolist()
+    assert batch.supervised_targets.tolist() == batch.targets[0, supervised].tolist()
 
 
 def test_wrapped_fragments_carry_the_next_label():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from src.modeling import Placement, add_lora, load_base_model, pick_placement
 from src.prompt_format import encode_chat_examples, encode_text_examples
@@ -116,8 +117,40 @@ def test_a_step_matches_a_plain_hugging_face_step(
         assert len(batches) > len(step.micro_batches)  # the groups split micro-batches
     model.train()
     loss = accumulate_gradients(model, batches, step.num_targets, DEVICE)
-    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-5)
     assert_same_gradients(lora_gradients(model), expected_grads)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what makes a host wait for a GPU: reading a value (`.item()`, `float()`) and
+    indexing by a boolean mask (its size is known only once the device has computed it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        masks = [a for a in args[1] or []] if name == "aten.index.Tensor" else []
+        if name in ("aten._local_scalar_dense.default", "aten.nonzero.default") or any(
+            isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in masks
+        ):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_passes_of_a_step_never_wait_for_the_device(model, examples):
+    """Three passes forward and backward read nothing back: the loss stays on the device
+    until the step ends, and the supervised positions come as host-built indices."""
+    rows, _ = build_rows(examples, pack=True, wrap=False, chunk_size=64)
+    [step] = optimizer_steps(rows, list(range(len(rows))), len(rows), 1)
+    batches = [collate(rows, rows.segments(m)) for m in step.micro_batches]
+    assert len(batches) >= 2
+    model.train()
+    with HostReads() as mode:
+        loss = accumulate_gradients(model, batches, step.num_targets, DEVICE)
+    model.zero_grad(set_to_none=True)
+    assert mode.reads == [] and loss.device == DEVICE and loss.requires_grad is False
 
 
 def test_validation_loss_is_the_token_weighted_mean(model, reference, examples):
