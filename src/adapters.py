@@ -12,11 +12,14 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 from src.artifact import (
@@ -31,7 +34,7 @@ from src.artifact import (
     read_archive,
 )
 from src.base_model import BaseModel
-from src.errors import Problems, UserInputError, raise_all
+from src.errors import Problems, UserInputError, quoted, raise_all
 from src.fetch import describe_source, fetch_to_file
 from src.log import log
 
@@ -143,29 +146,54 @@ def _check_training_base(metadata: dict, base: BaseModel, what: str) -> None:
 
 
 def adapter_config_problems(config: dict) -> list[str]:
-    """adapter_config.json's fields that say how the adapter computes, each of a usable type."""
+    """adapter_config.json's fields that say how the adapter computes, each of a usable type,
+    and none that would change the base when peft loads the adapter."""
     if config.get("peft_type", "LORA") != "LORA":
-        return [f"{ADAPTER_CONFIG}: a {config.get('peft_type')} adapter: only LoRA is served"]
+        return [
+            f"{ADAPTER_CONFIG}: a {quoted(config.get('peft_type'))} adapter: only LoRA is served"
+        ]
     problems = []
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        problems.append(f"{ADAPTER_CONFIG}: r must be a positive whole number, got {rank!r}")
+        problems.append(f"{ADAPTER_CONFIG}: r must be a positive whole number, got {quoted(rank)}")
     alpha = config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1e6:
-        problems.append(f"{ADAPTER_CONFIG}: lora_alpha must be a positive number, got {alpha!r}")
+        problems.append(
+            f"{ADAPTER_CONFIG}: lora_alpha must be a positive number, got {quoted(alpha)}"
+        )
     targets = config.get("target_modules")
     names = [targets] if isinstance(targets, str) else targets
     if not names or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         problems.append(
             f"{ADAPTER_CONFIG}: target_modules must be a module name, or a list of them, "
-            f"got {targets!r}"
+            f"got {quoted(targets)}"
         )
-    elif isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as error:
-            problems.append(f"{ADAPTER_CONFIG}: target_modules {targets!r}: {error}")
+    init = config.get("init_lora_weights", True)
+    if not (init is True or init is False or init == "gaussian"):
+        problems.append(
+            f"{ADAPTER_CONFIG}: init_lora_weights {quoted(init)} rewrites the base model's "
+            f'weights when the adapter loads: only true, false or "gaussian" are taken'
+        )
+    if config.get("loftq_config"):
+        problems.append(f"{ADAPTER_CONFIG}: loftq_config rewrites the base model's weights")
+    if problems:
+        return problems
+    try:
+        _lora_config(config)
+    except (TypeError, ValueError, re.error) as error:
+        problems.append(f"{ADAPTER_CONFIG}: peft does not take it ({quoted(str(error))})")
     return problems
+
+
+def _lora_config(config: dict) -> Any:
+    """peft's LoraConfig of the fields it knows (older peft wrote others)."""
+    from peft import LoraConfig
+
+    known = {field.name for field in fields(LoraConfig)}
+    lora = LoraConfig(**{k: v for k, v in config.items() if k in known})
+    if isinstance(lora.target_modules, str):
+        re.compile(lora.target_modules)
+    return lora
 
 
 def adapter_tensor_problems(weights: Path, base: torch.nn.Module, config: dict) -> Problems:
@@ -178,11 +206,14 @@ def adapter_tensor_problems(weights: Path, base: torch.nn.Module, config: dict) 
         if (isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"))
         and ".lora_" not in name  # a served base's own adapters are not layers to adapt
     }
-    targeted = {name for name in linears if _is_targeted(name, config["target_modules"])}
+    lora = _lora_config(config)
+    # peft's own rule: target_modules (names or one regular expression), exclude_modules,
+    # layers_to_transform and layers_pattern
+    targeted = {name for name in linears if check_target_module_exists(lora, name)}
     problems, seen = Problems(), set()
     if not targeted:
         problems.append(
-            f"{ADAPTER_CONFIG}: target_modules {config['target_modules']!r} name no linear "
+            f"{ADAPTER_CONFIG}: target_modules {quoted(config['target_modules'])} name no linear "
             f"layer of this base (its layers end in "
             f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears}))})"
         )
@@ -190,7 +221,7 @@ def adapter_tensor_problems(weights: Path, base: torch.nn.Module, config: dict) 
     try:
         with safe_open(weights, framework="pt") as tensors:
             for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
-                problem = _tensor_problem(tensors, key, linears, targeted, config["r"])
+                problem = _tensor_problem(tensors, key, linears, targeted, lora)
                 if problem:
                     problems.append(f"{key}: {problem}")
                 else:
@@ -212,16 +243,8 @@ def adapter_tensor_problems(weights: Path, base: torch.nn.Module, config: dict) 
     return problems
 
 
-def _is_targeted(module: str, targets: str | list[str]) -> bool:
-    """peft's rule: a string is a regular expression for the whole module path, a list
-    holds names that end the path."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets)
-
-
 def _tensor_problem(
-    tensors: Any, key: str, linears: dict, targeted: set[str], rank: int
+    tensors: Any, key: str, linears: dict, targeted: set[str], lora: Any
 ) -> str | None:
     match = LORA_KEY.fullmatch(key)
     if match is None:
@@ -231,6 +254,7 @@ def _tensor_problem(
         return f"this base has no layer {match['module']}"
     if match["module"] not in targeted:
         return "adapts a layer the config's target_modules leave out"
+    rank = lora.rank_pattern.get(get_pattern_key(lora.rank_pattern, match["module"]), lora.r)
     shape = tuple(tensors.get_slice(key).get_shape())
     if match["part"] == "A" and shape != (rank, module.in_features):
         return f"shape {shape}, expected {(rank, module.in_features)} (r, the layer's inputs)"

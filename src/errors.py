@@ -8,6 +8,14 @@ class UserInputError(ValueError):
 
 
 SHOWN_PROBLEMS = 20  # an error lists this many problems, then counts the rest
+QUOTED_CHARACTERS = 40  # of a value from a user's file that an error quotes: enough to find it
+
+
+def quoted(value: object) -> str:
+    """A value from a user's file as an error may quote it: short, so that the error names
+    the problem without repeating what the file holds."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_CHARACTERS else text[: QUOTED_CHARACTERS - 3] + "..."
 
 
 class Problems:

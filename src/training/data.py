@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.errors import Problems, UserInputError, raise_all
+from src.errors import QUOTED_CHARACTERS, Problems, UserInputError, quoted, raise_all
 from src.local_files import special_file_problem
 from src.log import format_duration, log
 from src.prompt_format import (
@@ -472,7 +472,6 @@ def _lone_surrogate_field(record: dict) -> str | None:
     return None
 
 
-QUOTED_CHARACTERS = 40  # of a value from the file that an error quotes: enough to find it
 SHOWN_UNKNOWN_FIELDS = 20  # distinct unknown field names kept for the log
 
 
@@ -485,13 +484,6 @@ def _note_unknown(unknown: set[str], names: set[str]) -> None:
         unknown.add(
             name if len(name) <= QUOTED_CHARACTERS else name[: QUOTED_CHARACTERS - 3] + "..."
         )
-
-
-def _quoted(value: object) -> str:
-    """A value from the file as an error may quote it: short, so that an error names the
-    problem without repeating what the file holds."""
-    text = repr(value)
-    return text if len(text) <= QUOTED_CHARACTERS else text[: QUOTED_CHARACTERS - 3] + "..."
 
 
 def _conversation_row(
@@ -528,7 +520,7 @@ def _check_message(message: object, where: str, problems: Problems, unknown: set
         problems.append(f"{where}: {what}: tool calling is not supported")
         return
     if role not in ROLES:
-        problems.append(f"{where}: unknown role {_quoted(role)} (system, user or assistant)")
+        problems.append(f"{where}: unknown role {quoted(role)} (system, user or assistant)")
         return
     _note_unknown(
         unknown, {f"messages[].{key}" for key in set(message) - MESSAGE_FIELDS - TOOL_KEYS}
@@ -543,7 +535,7 @@ def _check_message(message: object, where: str, problems: Problems, unknown: set
         if role != "assistant":
             problems.append(f'{where}: "weight" is for assistant messages, not {role}')
         elif isinstance(weight, bool) or weight not in (0, 1):
-            problems.append(f'{where}: "weight" must be 0 or 1, got {_quoted(weight)}')
+            problems.append(f'{where}: "weight" must be 0 or 1, got {quoted(weight)}')
 
 
 def _dialog(messages: list[dict], where: str, problems: Problems) -> Dialog | None:
