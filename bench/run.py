@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench import inference, pipeline, training
+from bench import census, inference, pipeline, training
 from bench.common import (
     PROJECT_DIR,
     machine,
@@ -73,6 +73,8 @@ def run(smoke: bool, out: Path) -> dict:
                       lambda size=size: inference.measure(models[size], sizes["new_tokens"]))
         for size in sizes["inference_models"]
     }  # fmt: skip
+    # The operation census of a training pass as the GPU runs it (meta tensors: seconds)
+    results["census"] = census.measure("tiny" if smoke else "7b", tokens=256 if smoke else 2048)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
@@ -147,6 +149,23 @@ def markdown(results: dict) -> str:
             f"{r['predictor_merged']['decode_tokens_per_second']:.1f} tok/s | "
             f"{r['adapter_swap_cold_seconds'] * 1000:.0f} ms | "
             f"{r['adapter_swap_warm_seconds'] * 1000:.0f} ms |"
+        )
+    c = results["census"]
+    lines += [
+        "",
+        f"Operation census, {c['size']} shapes, one training pass of {c['tokens']} tokens "
+        f"(bench/census.py):",
+        "",
+        "| part | kernels | matmul FLOPs/token | matmul bytes/token | other bytes/token |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for part in ("decoder_layer", "embedding_head_loss"):
+        p = c[part]
+        lines.append(
+            f"| {part.replace('_', ' ')} | {p['kernels']} | "
+            f"{p['matmul_flops_per_token'] / 1e6:,.1f} M | "
+            f"{p['matmul_bytes_per_token'] / 1e3:,.0f} KB | "
+            f"{p['other_bytes_per_token'] / 1e3:,.0f} KB |"
         )
     return "\n".join(lines) + "\n"
 
