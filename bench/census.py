@@ -114,8 +114,8 @@ def _matmul_flops(name: str, args: tuple, out: torch.Tensor) -> float:
 class _FlashStandIn(torch.autograd.Function):
     """The varlen flash kernel as one counted operation each way (causal: half the scores)."""
 
-    census: Census | None = None
-    lengths: list[int] = []  # the segments' (the bounds are on the meta device: unreadable)
+    census: ClassVar["Census | None"] = None
+    lengths: ClassVar[list[int]] = []  # the segments' (the bounds are on the meta device: unreadable)
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
