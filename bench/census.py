@@ -114,8 +114,8 @@ def _matmul_flops(name: str, args: tuple, out: torch.Tensor) -> float:
 class _FlashStandIn(torch.autograd.Function):
     """The varlen flash kernel as one counted operation each way (causal: half the scores)."""
 
-    census: ClassVar["Census | None"] = None
-    lengths: ClassVar[list[int]] = []  # the segments' (the bounds are on the meta device: unreadable)
+    census: "Census | None" = None
+    lengths: tuple[int, ...] = ()  # the segments' (bounds on the meta device cannot be read)
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
@@ -189,7 +189,7 @@ def count_pass(size: str, layers: int, segments: list[int]) -> Census:
         segment_lengths=tuple(segments),
     )
     census = Census()
-    _FlashStandIn.census, _FlashStandIn.lengths = census, list(segments)
+    _FlashStandIn.census, _FlashStandIn.lengths = census, tuple(segments)
     gpu_path = (
         mock.patch.object(attention, "varlen_supported", lambda query: True),
         mock.patch.object(attention, "causal_varlen_kernel", lambda: flash_stand_in),
