@@ -151,7 +151,7 @@ def flash_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
     return _FlashStandIn.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
 
-def model_on_meta(size: str, layers: int):
+def model_on_meta(size: str, layers: int, fused: bool = True):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from src import attention
@@ -165,16 +165,20 @@ def model_on_meta(size: str, layers: int):
     model.config.use_cache = False
     lora = add_lora(model, rank=8, alpha=16, dropout=0.05, quantized=False)
     model.enable_input_require_grads()  # every layer a middle one (see the docstring)
+    if fused:
+        from src.training.fused_lora import install_fused_lora
+
+        install_fused_lora(lora)
     return lora
 
 
-def count_pass(size: str, layers: int, segments: list[int]) -> Census:
+def count_pass(size: str, layers: int, segments: list[int], fused: bool = True) -> Census:
     """One training forward and backward over `segments`, every target supervised."""
     from src import attention
     from src.training.batching import MicroBatch
     from src.training.loop import supervised_loss_sum
 
-    model = model_on_meta(size, layers)
+    model = model_on_meta(size, layers, fused)
     model.train()
     tokens = sum(segments)
     positions = torch.cat([torch.arange(n) for n in segments])
@@ -202,13 +206,15 @@ def count_pass(size: str, layers: int, segments: list[int]) -> Census:
     return census
 
 
-def measure(size: str = "7b", tokens: int = 2048, segments: int = 4) -> dict:
-    """The census of one decoder layer and of the rest (embedding, head, loss)."""
+def measure(size: str = "7b", tokens: int = 2048, segments: int = 4, fused: bool = True) -> dict:
+    """The census of one decoder layer and of the rest (embedding, head, loss); `fused`:
+    the training's fused LoRA forward (src/training/fused_lora.py), else peft's."""
     lengths = [tokens // segments] * segments
-    one, two = count_pass(size, 1, lengths), count_pass(size, 2, lengths)
+    one, two = count_pass(size, 1, lengths, fused), count_pass(size, 2, lengths, fused)
     layer, rest = two.minus(one), one.minus(two.minus(one))
     return {
         "size": size,
+        "lora_forward": "fused" if fused else "peft",
         "tokens": tokens,
         "segments": segments,
         "decoder_layer": layer.per_token(tokens),
@@ -220,8 +226,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="7b")
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--peft", action="store_true", help="peft's own LoRA forward")
     args = parser.parse_args()
-    print(json.dumps(measure(args.size, args.tokens), indent=2))
+    print(json.dumps(measure(args.size, args.tokens, fused=not args.peft), indent=2))
 
 
 if __name__ == "__main__":

@@ -257,13 +257,14 @@ def longest_segment(case: tuple) -> int:
 
 
 def measure_training(model, case: tuple, plan, steps: int = 2) -> dict:
-    """Optimizer steps on one micro-batch as the loop runs it: passes as planned, AdamW."""
+    """Optimizer steps on one micro-batch as the loop runs it: passes as planned, the
+    gradient clipped, the loss and norm read once per step, AdamW (fused on a GPU)."""
     from src.training.batching import collate, forward_groups
-    from src.training.loop import accumulate_gradients
+    from src.training.loop import MAX_GRAD_NORM, accumulate_gradients
 
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=DEVICE.type == "cuda")
     rows, ids = case
     batches = [collate(rows, group) for group in forward_groups(rows, ids, plan.tokens)]
     targets = sum(b.num_targets for b in batches)
@@ -273,6 +274,8 @@ def measure_training(model, case: tuple, plan, steps: int = 2) -> dict:
         synchronize()
         started = time.perf_counter()
         loss = accumulate_gradients(model, batches, targets, DEVICE, plan)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        loss, _ = torch.stack([loss, norm.float()]).tolist()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize()
@@ -305,6 +308,7 @@ def section_training(peaks: dict) -> dict:
     """LoRA and QLoRA through the loop, planned for an A40's 44 GiB and for the whole card."""
     from src.attention import NAME
     from src.modeling import add_lora
+    from src.training.fused_lora import choose_lora_forward
     from src.training.memory import GIB, MemoryModel, ModelShape, plan_forwards
 
     cases = training_cases()
@@ -314,6 +318,7 @@ def section_training(peaks: dict) -> dict:
         if method == "qlora":
             quantize_to_nf4(model)
         model = add_lora(model, LORA["rank"], LORA["alpha"], LORA["dropout"], method == "qlora")
+        choose_lora_forward(model)  # the product's default: fused (TRAIN_FUSED_LORA)
         memory = MemoryModel(ModelShape.of(llama_7b_config()), method == "qlora", LORA["rank"])
         if DEVICE.type == "cuda":
             card = torch.cuda.mem_get_info()[0] + memory_allocated()
@@ -338,12 +343,34 @@ def section_training(peaks: dict) -> dict:
                 reset_peak()
                 runs.append(run)
                 print(json.dumps(run), flush=True)
+        runs.append(_peft_lora_forward(model, cases["packed 4 x 2048"], memory, peaks, card))
+        runs[-1]["method"] = f"{method}, {runs[-1]['method']}"
+        print(json.dumps(runs[-1]), flush=True)
         if method == "qlora":
             runs.append(_qlora_upcast(model, cases["packed 4 x 2048"], memory, peaks, card))
             print(json.dumps(runs[-1]), flush=True)
         del model
         reset_peak()
     return {"training": runs}
+
+
+def _peft_lora_forward(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
+    """The fused LoRA forward's lever: the same case through peft's own forward."""
+    from src.training.fused_lora import install_fused_lora, remove_fused_lora
+    from src.training.memory import plan_forwards
+
+    remove_fused_lora(model)
+    run = {"method": "peft's LoRA forward", "case": "packed 4 x 2048", "budget": "whole card"}
+    try:
+        plan = plan_forwards(memory, budget, longest_segment(rows))
+        run |= measure_training(model, rows, plan) | {"plan": plan.describe()}
+        run |= _mfu(run["tflops"], peaks)
+    except Exception as error:
+        run["error"] = f"{type(error).__name__}: {error}"[:300]
+    finally:
+        install_fused_lora(model)
+        reset_peak()
+    return run
 
 
 def _qlora_upcast(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:

@@ -74,7 +74,10 @@ def run(smoke: bool, out: Path) -> dict:
         for size in sizes["inference_models"]
     }  # fmt: skip
     # The operation census of a training pass as the GPU runs it (meta tensors: seconds)
-    results["census"] = census.measure("tiny" if smoke else "7b", tokens=256 if smoke else 2048)
+    results["census"] = [
+        census.measure("tiny" if smoke else "7b", tokens=256 if smoke else 2048, fused=fused)
+        for fused in (False, True)
+    ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
@@ -150,19 +153,22 @@ def markdown(results: dict) -> str:
             f"{r['adapter_swap_cold_seconds'] * 1000:.0f} ms | "
             f"{r['adapter_swap_warm_seconds'] * 1000:.0f} ms |"
         )
-    c = results["census"]
+    first = results["census"][0]
     lines += [
         "",
-        f"Operation census, {c['size']} shapes, one training pass of {c['tokens']} tokens "
-        f"(bench/census.py):",
+        f"Operation census, {first['size']} shapes, one training pass of {first['tokens']} "
+        f"tokens (bench/census.py):",
         "",
-        "| part | kernels | matmul FLOPs/token | matmul bytes/token | other bytes/token |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| LoRA forward | part | kernels | matmul FLOPs/token | matmul bytes/token "
+        "| other bytes/token |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for part in ("decoder_layer", "embedding_head_loss"):
+    for c, part in (
+        (c, part) for c in results["census"] for part in ("decoder_layer", "embedding_head_loss")
+    ):
         p = c[part]
         lines.append(
-            f"| {part.replace('_', ' ')} | {p['kernels']} | "
+            f"| {c['lora_forward']} | {part.replace('_', ' ')} | {p['kernels']} | "
             f"{p['matmul_flops_per_token'] / 1e6:,.1f} M | "
             f"{p['matmul_bytes_per_token'] / 1e3:,.0f} KB | "
             f"{p['other_bytes_per_token'] / 1e3:,.0f} KB |"

@@ -98,6 +98,7 @@ def run_core(model_dir: Path, examples: Examples, packed: bool, chunk_size: int)
     from src.training.batching import build_rows
     from src.training.config import TrainConfig
     from src.training.distributed import World
+    from src.training.fused_lora import choose_lora_forward
     from src.training.loop import train_adapter
     from src.training.memory import plan_for_device
 
@@ -120,6 +121,7 @@ def run_core(model_dir: Path, examples: Examples, packed: bool, chunk_size: int)
         LORA["dropout"],
         quantized=False,
     )
+    choose_lora_forward(model)  # as the product trains: fused unless TRAIN_FUSED_LORA=0
     forwards = plan_for_device(
         placement, read_model_config(model_dir), False, LORA["rank"], rows.longest_segment
     )

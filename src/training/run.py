@@ -57,6 +57,7 @@ from src.training.data import (
     split_validation,
 )
 from src.training.examples import Examples
+from src.training.fused_lora import choose_lora_forward
 from src.training.job import TrainingJob
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt
@@ -156,6 +157,7 @@ def train_and_save(
             )  # fmt: skip
             if job.start is not None:
                 load_starting_weights(model, job.start)
+            choose_lora_forward(model)
             torch.manual_seed(dropout_seed(config.seed, world.rank))
             result = train_adapter(
                 model, job.tokenizer, train_rows, validation_rows, config, forwards,
