@@ -141,6 +141,7 @@ def test_a_repetition_penalty_near_zero_is_refused_by_name(predict_server):
     body = server.post("/predictions", {"input": inputs})[1]
     assert body["status"] == "failed"
     assert "repetition_penalty must be 0 or 1 (off) or at least 0.01" in body["error"]
+    assert server.wait_ready() == "READY"
     assert answer(server, prompt=PROMPT) == ANSWER
 
 
@@ -185,6 +186,7 @@ def test_weights_that_fail_to_load_change_nothing_others_are_served(
         inputs = {"prompt": PROMPT, "replicate_weights": str(bad)}
         body = server.post("/predictions", {"input": inputs})[1]
         assert body["status"] == "failed" and message in body["error"], body
+        assert server.wait_ready() == "READY"  # the slot frees just after the response
         assert answer(server, prompt=PROMPT) == before[0]
     assert answer(server, prompt=PROMPT, replicate_weights=other_url) == OTHER_FACTS[0][1]
 

@@ -133,9 +133,9 @@ def install_fused_lora(model: torch.nn.Module) -> int:
     """Give every LoRA layer of `model` the fused training forward; returns how many. A
     variant it does not compute (DoRA) is refused here, not run slowly in silence."""
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if any(getattr(layer, "lora_variant", None) for layer in layers):  # before any change
+        raise ValueError("the fused LoRA forward computes plain LoRA only, not DoRA")
     for layer in layers:
-        if getattr(layer, "lora_variant", None):
-            raise ValueError("the fused LoRA forward computes plain LoRA only, not DoRA")
         layer.forward = types.MethodType(fused_forward, layer)
     log(
         f"LoRA: fused training forward in the activation dtype on {len(layers)} layers "

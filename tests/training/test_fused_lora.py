@@ -126,3 +126,53 @@ def test_the_variable_chooses_peft_s_forward(tiny_model_dir, monkeypatch, capsys
     monkeypatch.setenv("TRAIN_FUSED_LORA", "maybe")
     with pytest.raises(ValueError, match="TRAIN_FUSED_LORA must be 0 or 1"):
         choose_lora_forward(model)
+
+
+def test_masks_are_drawn_per_projection_and_again_on_a_checkpointed_recompute(
+    tiny_model_dir, batch, monkeypatch
+):
+    """Dropout on: each projection draws its own mask (7 per layer), and a checkpointed pass,
+    which recomputes its forward, draws the same masks again (torch restores the random
+    state), so its gradients equal the unchecked pass's."""
+    from src.modeling import set_activation_checkpointing
+
+    torch.manual_seed(0)
+    base = load_base_model(tiny_model_dir, False, Placement(CPU, torch.float32))
+    model = add_lora(base, rank=8, alpha=16, dropout=0.2, quantized=False)
+    install_fused_lora(model)
+    drawn = []
+    real_mask = fused_lora.dropout_mask
+    monkeypatch.setattr(
+        fused_lora, "dropout_mask", lambda like, p: drawn.append(real_mask(like, p)) or drawn[-1]
+    )
+    gradients = []
+    for checkpointed in (False, True):
+        set_activation_checkpointing(model, checkpointed)
+        torch.manual_seed(5)
+        drawn.clear()
+        gradients.append(loss_and_gradients(model, batch)[1])
+        masks = len(drawn)
+    assert masks == 2 * 7 * 4  # drawn twice per projection: the forward and its recompute
+    first = drawn[:28]
+    assert all(not first[0].equal(m) for m in first[1:3])  # q, k and v: their own masks
+    # the backward recomputes the layers last first: layer by layer, the same masks
+    recomputed = [drawn[28 + 7 * (3 - layer) + i] for layer in range(4) for i in range(7)]
+    assert all(a.equal(b) for a, b in zip(first, recomputed, strict=True))
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=0, atol=0)
+
+
+def test_dora_is_refused_and_peft_s_forward_can_come_back(tiny_model_dir, batch):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_model(tiny_model_dir, False, Placement(CPU, torch.float32))
+    dora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="plain LoRA only, not DoRA"):
+        install_fused_lora(dora)
+    model = lora_model(tiny_model_dir, torch.float32)
+    before = loss_and_gradients(model, batch)
+    install_fused_lora(model)
+    fused_lora.remove_fused_lora(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+    after = loss_and_gradients(model, batch)
+    assert after[0] == before[0] and all(after[1][n].equal(g) for n, g in before[1].items())
