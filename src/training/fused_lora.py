@@ -10,15 +10,18 @@ does the work in the input's dtype:
     out = base(x);  out += scale * (dropout(x) @ A^T) @ B^T    (addmm_, in place)
 
 A and B stay fp32 parameters (the optimizer's master weights); the function casts them, a
-few kilobytes, to the input's dtype and returns fp32 gradients. It saves the input (shared
-by the projections that read it: q, k and v; gate and up) and, with dropout, its mask in
-the input's dtype; peft saved a four-byte copy of the input and of its dropout per
-projection.
+few kilobytes, to the input's dtype and returns fp32 gradients. Projections that read the
+same input (q, k and v; gate and up: `SharedInput`) shrink it once, by their stacked A
+matrices, in one matmul each way (`SharedShrink`), and each adds its part into its own
+output (`LoraExpand`); the others (o, down) run `LoraUpdate`, the same in one function. The
+input is saved once, with its dropout mask in the input's dtype; peft saved a four-byte copy
+of the input and of its dropout per projection.
 
-Dropout keeps peft's meaning: an independent mask per projection, each element kept with
-probability 1 - p and scaled by 1 / (1 - p). Only the random stream differs, so a training
-with dropout is not bit-identical to one through peft; with dropout 0 the loss and the
-gradients agree within the activation dtype's rounding (tests/training/test_fused_lora.py).
+Dropout is peft's, each element kept with probability 1 - p and scaled by 1 / (1 - p),
+with one deliberate difference: one mask per input, shared by the projections that read it
+(peft draws one per projection). Such a training is therefore not bit-identical to one
+through peft's forward; with dropout 0 the loss and the gradients agree within the
+activation dtype's rounding (tests/training/test_fused_lora.py).
 
 The fused forward runs while the model trains (module.training, gradients on). Validation,
 the validation_prompt answers and predict.py run peft's own forward, one implementation for
@@ -102,19 +105,133 @@ class LoraUpdate(torch.autograd.Function):
         return grad_out, grad_x, grad_a, grad_b, None, None
 
 
+class SharedShrink(torch.autograd.Function):
+    """`dropout(x) @ [A_1; ...; A_n]^T` for the projections that read the same input: one
+    mask, one matmul each way, in x's dtype; returns each projection's (N, r_i) part."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float, *lora_as: torch.Tensor) -> tuple:
+        stacked = torch.cat([a.to(x.dtype) for a in lora_as])  # (sum r, in_features)
+        inputs = x.reshape(-1, x.shape[-1])
+        mask = dropout_mask(inputs, p) if p > 0 else None
+        masked = inputs * mask if mask is not None else inputs
+        shrunk = masked @ stacked.t()  # (N, sum r)
+        ctx.save_for_backward(x, mask, stacked)
+        ctx.ranks = [a.shape[0] for a in lora_as]
+        ctx.dtypes = [a.dtype for a in lora_as]
+        return tuple(shrunk.split(ctx.ranks, dim=1))
+
+    @staticmethod
+    def backward(ctx: Any, *grad_parts: torch.Tensor) -> tuple:
+        x, mask, stacked = ctx.saved_tensors
+        grads = torch.cat(
+            [
+                g if g is not None else x.new_zeros(x.numel() // x.shape[-1], r)
+                for g, r in zip(grad_parts, ctx.ranks, strict=True)
+            ],
+            dim=1,
+        ).to(stacked.dtype)  # (N, sum r)
+        grad_x = None
+        grad_as: list[torch.Tensor | None] = [None] * len(ctx.ranks)
+        if any(ctx.needs_input_grad[2:]):
+            inputs = x.reshape(-1, x.shape[-1])
+            masked = inputs * mask if mask is not None else inputs
+            grad_stacked = grads.t() @ masked  # (sum r, in_features)
+            grad_as = [
+                g.to(dtype)
+                for g, dtype in zip(grad_stacked.split(ctx.ranks), ctx.dtypes, strict=True)
+            ]
+        if ctx.needs_input_grad[0]:
+            grad_inputs = grads @ stacked
+            if mask is not None:
+                grad_inputs.mul_(mask)
+            grad_x = grad_inputs.view(x.shape)
+        return grad_x, None, *grad_as
+
+
+class LoraExpand(torch.autograd.Function):
+    """`out += factor * shrunk @ B^T` in place (a projection's share of a SharedShrink)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor,
+                factor: float) -> torch.Tensor:  # fmt: skip
+        b = lora_b.to(shrunk.dtype)
+        out.view(-1, out.shape[-1]).addmm_(shrunk, b.t(), alpha=factor)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(shrunk, b)
+        ctx.factor, ctx.b_dtype = factor, lora_b.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        shrunk, b = ctx.saved_tensors
+        grads = grad_out.reshape(-1, grad_out.shape[-1]).to(b.dtype)
+        grad_shrunk = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_shrunk = (grads @ b).mul_(ctx.factor)
+        if ctx.needs_input_grad[2]:
+            grad_b = (grads.t() @ shrunk).to(ctx.b_dtype).mul_(ctx.factor)
+        return grad_out, grad_shrunk, grad_b, None
+
+
+class SharedInput:
+    """The LoRA layers that read one input (q, k and v; gate and up): the first of them to
+    see an input shrinks it for all, the others take their part of that (the same tensor:
+    transformers' Llama passes one `hidden_states` to each)."""
+
+    def __init__(self, layers: list[LoraLayer]) -> None:
+        self.layers = layers
+        self.input: torch.Tensor | None = None
+        self.parts: tuple[torch.Tensor, ...] = ()
+        self.taken = 0
+
+    def part(self, layer: LoraLayer, x: torch.Tensor, adapter: str, p: float) -> torch.Tensor:
+        if self.input is not x or self.taken == len(self.layers):
+            lora_as = [member.lora_A[adapter].weight for member in self.layers]
+            self.input, self.parts, self.taken = x, SharedShrink.apply(x, p, *lora_as), 0
+        self.taken += 1
+        part = self.parts[self.layers.index(layer)]
+        if self.taken == len(self.layers):  # all served: hold no reference past this pass
+            self.input, self.parts = None, ()
+        return part
+
+    def serves(self, layer: LoraLayer, adapter: str, p: float) -> bool:
+        """Whether the group can shrink for `layer`: the same adapter and dropout on all."""
+        return all(
+            adapter in member.lora_A
+            and adapter in member.active_adapters
+            and _dropout_p(member, adapter) == p
+            for member in self.layers
+        )
+
+
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
+def _dropout_p(layer: LoraLayer, adapter: str) -> float:
+    dropout = layer.lora_dropout[adapter]
+    return float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
+
+
 def fused_forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A peft LoRA layer's forward: fused while training, peft's own otherwise."""
     if not (self.training and torch.is_grad_enabled()) or not _plain_lora(self, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
+    group: SharedInput | None = getattr(self, "_shared_input", None)
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
-        dropout = self.lora_dropout[name]
-        p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
-        result = LoraUpdate.apply(
-            result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
-        )
+        p = _dropout_p(self, name)
+        if group is not None and group.serves(self, name, p):
+            factor = self.scaling[name] / (1 - p)
+            shrunk = group.part(self, x, name, p)
+            result = LoraExpand.apply(result, shrunk, self.lora_B[name].weight, factor)
+        else:
+            result = LoraUpdate.apply(
+                result, x, self.lora_A[name].weight, self.lora_B[name].weight,
+                self.scaling[name], p,
+            )  # fmt: skip
     return result
 
 
@@ -137,11 +254,26 @@ def install_fused_lora(model: torch.nn.Module) -> int:
         raise ValueError("the fused LoRA forward computes plain LoRA only, not DoRA")
     for layer in layers:
         layer.forward = types.MethodType(fused_forward, layer)
+    groups = _group_shared_inputs(model)
     log(
-        f"LoRA: fused training forward in the activation dtype on {len(layers)} layers "
-        f"({ENABLE_VARIABLE}=0 for peft's own)"
+        f"LoRA: fused training forward in the activation dtype on {len(layers)} layers, "
+        f"{groups} groups sharing one input shrink it once ({ENABLE_VARIABLE}=0 for peft's own)"
     )
     return len(layers)
+
+
+def _group_shared_inputs(model: torch.nn.Module) -> int:
+    """Mark q/k/v and gate/up of each block as reading one input; returns the groups."""
+    count = 0
+    for block in model.modules():
+        children = {name: m for name, m in block.named_children() if isinstance(m, LoraLayer)}
+        for names in SHARED_INPUTS:
+            if names <= children.keys():
+                group = SharedInput([children[n] for n in sorted(names)])
+                for member in group.layers:
+                    member._shared_input = group
+                count += 1
+    return count
 
 
 def choose_lora_forward(model: torch.nn.Module) -> None:
@@ -157,3 +289,4 @@ def remove_fused_lora(model: torch.nn.Module) -> None:
     for layer in model.modules():
         if isinstance(layer, LoraLayer):
             vars(layer).pop("forward", None)
+            vars(layer).pop("_shared_input", None)

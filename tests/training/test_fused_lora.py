@@ -128,12 +128,13 @@ def test_the_variable_chooses_peft_s_forward(tiny_model_dir, monkeypatch, capsys
         choose_lora_forward(model)
 
 
-def test_masks_are_drawn_per_projection_and_again_on_a_checkpointed_recompute(
+def test_one_mask_per_shared_input_drawn_again_on_a_checkpointed_recompute(
     tiny_model_dir, batch, monkeypatch
 ):
-    """Dropout on: each projection draws its own mask (7 per layer), and a checkpointed pass,
-    which recomputes its forward, draws the same masks again (torch restores the random
-    state), so its gradients equal the unchecked pass's."""
+    """Dropout on: the projections that read one input (q, k, v; gate, up) share its mask
+    (4 per layer: q/k/v, o, gate/up, down), and a checkpointed pass, which recomputes its
+    forward, draws the same masks again (torch restores the random state), so its gradients
+    equal the unchecked pass's."""
     from src.modeling import set_activation_checkpointing
 
     torch.manual_seed(0)
@@ -151,15 +152,39 @@ def test_masks_are_drawn_per_projection_and_again_on_a_checkpointed_recompute(
         torch.manual_seed(5)
         drawn.clear()
         gradients.append(loss_and_gradients(model, batch)[1])
-        masks = len(drawn)
-    assert masks == 2 * 7 * 4  # drawn twice per projection: the forward and its recompute
-    first = drawn[:28]
-    assert all(not first[0].equal(m) for m in first[1:3])  # q, k and v: their own masks
+    assert len(drawn) == 2 * 4 * 4  # drawn twice per input: the forward and its recompute
+    forward = drawn[:16]
     # the backward recomputes the layers last first: layer by layer, the same masks
-    recomputed = [drawn[28 + 7 * (3 - layer) + i] for layer in range(4) for i in range(7)]
-    assert all(a.equal(b) for a, b in zip(first, recomputed, strict=True))
+    recomputed = [drawn[16 + 4 * (3 - layer) + i] for layer in range(4) for i in range(4)]
+    assert all(a.equal(b) for a, b in zip(forward, recomputed, strict=True))
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=0, atol=0)
+
+
+def test_projections_of_one_input_apply_its_one_mask(monkeypatch):
+    """q, k and v of one input: each gets base + scale * ((x * mask / (1 - p)) @ A^T) @ B^T
+    with the same mask (fp64 gradcheck through the shared shrink and the expansions)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    lora_as = [torch.randn(r, 6, dtype=torch.float64, requires_grad=True) for r in (3, 2, 3)]
+    lora_bs = [torch.randn(4, r, dtype=torch.float64, requires_grad=True) for r in (3, 2, 3)]
+    outs = [torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    mask = (torch.rand(10, 6, generator=torch.Generator().manual_seed(3)) > 0.25).double()
+    monkeypatch.setattr(fused_lora, "dropout_mask", lambda like, p: mask)
+
+    def three_projections(x, *tensors):
+        a, b, out = tensors[:3], tensors[3:6], tensors[6:]
+        parts = fused_lora.SharedShrink.apply(x, 0.25, *a)
+        return tuple(
+            fused_lora.LoraExpand.apply(o.clone(), part, bb, 0.5 / 0.75)
+            for o, part, bb in zip(out, parts, b, strict=True)
+        )
+
+    inputs = (x, *lora_as, *lora_bs, *outs)
+    assert torch.autograd.gradcheck(three_projections, inputs)
+    dropped = x * mask.view(2, 5, 6) / 0.75
+    for got, a, b, out in zip(three_projections(*inputs), lora_as, lora_bs, outs, strict=True):
+        torch.testing.assert_close(got, out + 0.5 * (dropped @ a.T) @ b.T)
 
 
 def test_dora_is_refused_and_peft_s_forward_can_come_back(tiny_model_dir, batch):
