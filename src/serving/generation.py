@@ -135,25 +135,30 @@ def sample_tokens(
 class TextStream:
     """Turns token ids into text pieces: whole characters only, stop sequences never emitted.
 
-    The whole answer is decoded each time (a Llama token's leading space depends on what
-    precedes it); text that could still become a stop sequence, or ends in a partial UTF-8
-    character, is held back until it is decided.
+    Each token's text comes from a window of the last few tokens, not from the whole answer
+    decoded again (which costs time that grows with the answer, per token): the window
+    before the token and with it are decoded, and the difference is the new text, as vLLM
+    and TGI detokenize. The window starts at the last token whose text was taken, so a Llama
+    token's leading space, which depends on what precedes it, comes out as in the whole
+    answer's decoding (tested against it). A token that ends in part of a UTF-8 character
+    adds nothing until the character is whole; text that could still become a stop sequence
+    is held back until it is decided.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_sequences: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop_sequences = [s for s in stop_sequences if s]
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already given out
+        self.text = ""  # the answer's text so far, whole characters only
+        self.prefix_offset = self.read_offset = 0  # the window: ids[prefix_offset:]
+        self.emitted = 0  # characters of the text already given out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text that can be given out now (may be empty)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith(REPLACEMENT_CHAR):
-            return ""
-        pending = text[self.emitted :]
+        self.text += self._new_text()
+        pending = self.text[self.emitted :]
         cut = self._stop_position(pending)
         if cut is not None:
             self.stopped = True
@@ -165,11 +170,27 @@ class TextStream:
         self.emitted += ready
         return pending[:ready]
 
+    def _new_text(self) -> str:
+        """The text the last token adds, from the window; "" while a character is partial."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before) :]
+
     def flush(self) -> str:
         """The rest, once generation has ended without a stop sequence."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip()
+        window = self.ids[self.prefix_offset :]
+        before = self.ids[self.prefix_offset : self.read_offset]
+        decode = self.tokenizer.decode
+        tail = decode(window, skip_special_tokens=True)[
+            len(decode(before, skip_special_tokens=True)) :
+        ]  # what a partial character at the end decodes to, as the whole answer would
+        text = (self.text + tail).rstrip()
         rest = text[self.emitted :]
         self.emitted = len(text)
         return rest

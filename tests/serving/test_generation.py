@@ -29,6 +29,51 @@ def test_pieces_join_to_the_decoded_text(tokenizer):
     assert "".join(stream(tokenizer, text, [])) == text
 
 
+TEXTS = [
+    "Hello world, this is a llama speaking.",
+    "日本語のテキストと、 emoji 🎉🎊 mixed in.",
+    "  spaces   and\nnewlines\n\n  indented",
+    "The capital of Zorbia is Quillton. </s> [INST] not a tag",
+    "Perú, 镇 Ꙋ, Ελληνικά, עברית, 🦙🦙",
+]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_each_token_s_text_from_a_window_is_the_whole_decoding_s(tokenizer, seed):
+    """After every token the text so far equals the whole answer decoded (where that ends
+    in a whole character), for real text and for random tokens (byte tokens among them);
+    and no decoded window grows with the answer."""
+    import random
+
+    from src.serving.generation import REPLACEMENT_CHAR
+
+    rng = random.Random(seed)
+    text = " ".join(rng.sample(TEXTS, 3))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids += [rng.randrange(3, tokenizer.vocab_size) for _ in range(40)] + ids[:30]
+    windows = []
+    real_decode = tokenizer.decode
+
+    def decode(token_ids, **kwargs):
+        windows.append(len(token_ids))
+        return real_decode(token_ids, **kwargs)
+
+    out = TextStream(tokenizer, [])
+    pieces = []
+    for index, token_id in enumerate(ids):
+        tokenizer.decode = decode
+        try:
+            pieces.append(out.push(token_id))
+        finally:
+            del tokenizer.decode
+        whole = tokenizer.decode(ids[: index + 1], skip_special_tokens=True)
+        if not whole.endswith(REPLACEMENT_CHAR):
+            assert out.text == whole, index
+    pieces.append(out.flush())
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True).rstrip()
+    assert max(windows) <= 8 and len(ids) > 60
+
+
 def test_multibyte_characters_are_never_split(tokenizer):
     text = "Llamas 🦙 live in Perú, 镇 Ꙋ."
     pieces = stream(tokenizer, text, [])
