@@ -3,7 +3,8 @@
 The loss of an optimizer step is the sum of the token losses of all its micro-batches divided by
 the number of supervised tokens in the whole step, so the update does not depend on how the
 step is split into micro-batches. Logits are computed only at supervised positions, in chunks,
-so the 32,000-wide vocabulary projection is never materialised for prompt or padding tokens.
+so the 32,000-wide vocabulary projection is never materialised for prompt or padding tokens,
+and only the gradient of the hidden states is kept for the backward (src/training/fused_loss).
 """
 
 import math
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -38,10 +38,10 @@ from src.training.batching import (
 )
 from src.training.config import TrainConfig
 from src.training.distributed import World, broadcast_flag, sum_over_ranks
+from src.training.fused_loss import cross_entropy_sum
 from src.training.memory import ForwardPlan, out_of_memory
 from src.training.tracking import Tracker
 
-LOGITS_CHUNK = 1024  # supervised positions per slice of the vocabulary projection
 WARMUP_SHARE = 0.03
 MIN_LR_SHARE = 0.1
 MAX_GRAD_NORM = 1.0
@@ -336,14 +336,7 @@ def supervised_loss_sum(model: PeftModel, batch: MicroBatch, device: torch.devic
     positions = batch.supervised_positions.to(device, non_blocking=True)
     labels = batch.supervised_targets.to(device, non_blocking=True)
     states = hidden[0].index_select(0, positions)  # (T, H)
-    head = causal_lm.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, batch.num_targets, LOGITS_CHUNK):
-        logits = head(states[start : start + LOGITS_CHUNK]).float()  # (chunk, vocab)
-        total = total + F.cross_entropy(
-            logits, labels[start : start + LOGITS_CHUNK], reduction="sum"
-        )
-    return total
+    return cross_entropy_sum(states, causal_lm.get_output_embeddings(), labels)
 
 
 @torch.no_grad()

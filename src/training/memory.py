@@ -5,18 +5,20 @@ a forward pass keeps for its backward pass.
 A micro-batch is its rows laid end to end, and segments never attend to each other, so a
 micro-batch can run as several forward passes of whole segments with the same gradient
 (src/training/batching.forward_groups). The plan sets how many tokens one pass may hold:
-  * without checkpointing, every decoder layer keeps about 300 KB per token (Llama-2-7B,
-    bf16): about 9.4 MB per token for the model, so an A40 holds about 3,000 tokens a pass;
+  * without checkpointing, every decoder layer keeps about 217 KB per token (Llama-2-7B,
+    bf16, the fused LoRA forward; 310 KB through peft's): about 6.6 MB per token for the
+    model, so an A40 holds about 4,100 tokens a pass (2,900 through peft's forward), and
+    rows up to the 4,096-token context train without checkpointing;
   * with (non-reentrant) checkpointing, a layer keeps only its input (8 KB per token in bf16)
-    and one layer at a time is recomputed in the backward pass: 0.7 MB per token.
+    and one layer at a time is recomputed in the backward pass: 0.5 MB per token.
 Checkpointing repeats the forward pass (a third more compute), so it is used only for the
 passes that cannot fit without it: a segment longer than what fits without it runs alone,
 checkpointed.
 
 The per-layer costs were measured with torch.autograd.graph.saved_tensors_hooks on decoder
 layers of the 7B shape (tests/training/test_memory.py measures them again and checks these
-figures), and on an H200 (docs/benchmarks.md): LoRA 9.4 MB per token without checkpointing,
-0.68 MB with.
+figures), and, before the fused forward and loss, on an H200 (docs/benchmarks.md): LoRA
+9.4 MB per token without checkpointing, 0.68 MB with.
 """
 
 import os
@@ -27,27 +29,48 @@ import torch
 
 from src.errors import UserInputError
 from src.modeling import Placement, lora_parameters
+from src.training.fused_lora import fused_lora_enabled
+from src.training.fused_loss import CHUNK as LOSS_CHUNK
 
 GIB = 2**30
 BUDGET_VARIABLE = "TRAIN_GPU_MEMORY_GIB"  # hold a larger card to a smaller one's budget
-# Bytes kept per token per decoder layer, as a * hidden_size + b * intermediate_size, in
-# bf16 with LoRA on all linear layers and dropout (CUDA keeps a dropout mask in 1 byte a
-# value): RMSNorm inputs and LoRA inputs in fp32 (peft casts them), q, k, v and the attention
-# output in bf16, the MLP's gate, up and activation in bf16. Llama-2-7B: 309.5 KB.
-LAYER_BYTES_PER_HIDDEN = 46.0
-LAYER_BYTES_PER_MLP = 11.0
-LAYER_BYTES_PER_RANK = 28.0  # each of the 7 LoRA pairs keeps its rank-wide fp32 middle
-LAYER_BYTES = 160.0  # norms' statistics, positions
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Bytes a decoder layer keeps per token for its backward pass, in bf16 with LoRA on all
+    linear layers and dropout: per_hidden * hidden_size + per_mlp * intermediate_size +
+    per_rank * rank + constant. Measured by tests/training/test_memory.py."""
+
+    per_hidden: float
+    per_mlp: float
+    per_rank: float
+    constant: float = 136.0  # norms' statistics, positions
+
+    def bytes(self, hidden: int, mlp: int, rank: int) -> float:
+        return self.per_hidden * hidden + self.per_mlp * mlp + self.per_rank * rank + self.constant
+
+
+# The fused LoRA forward (src/training/fused_lora.py, the default): RMSNorm inputs in fp32
+# (transformers' norm upcasts), each projection's input once per group of projections that
+# read it (q/k/v, gate/up) with its dropout mask, both bf16; q, k, v and the attention output
+# in bf16; the MLP's gate, up and activation in bf16; each group's rank-wide middle in bf16.
+# Llama-2-7B: 216.8 KB.
+FUSED_LAYER = LayerCost(per_hidden=26.0, per_mlp=10.0, per_rank=14.0)
+# peft's own forward (TRAIN_FUSED_LORA=0): every LoRA input copied to fp32 and kept with its
+# own dropout mask (CUDA keeps a mask in 1 byte a value), the rank-wide middles in fp32.
+# Llama-2-7B: 309.9 KB.
+PEFT_LAYER = LayerCost(per_hidden=46.0, per_mlp=11.0, per_rank=28.0, constant=160.0)
 # A forward pass without gradients (validation) holds one layer's intermediates at a time.
 INFERENCE_BYTES_PER_HIDDEN = 64.0
 INFERENCE_BYTES_PER_MLP = 8.0
-# The loss keeps an fp32 log-softmax of every supervised position: 4 bytes x vocabulary; the
-# final norm and the selection of supervised positions about 4.5 bytes x hidden_size.
-LOSS_BYTES_PER_VOCAB = 4.0
-HEAD_BYTES_PER_HIDDEN = 4.5
-# Transients: one slice of the vocabulary projection (fp32 logits, softmax, gradient) and
-# the allocator's fragmentation; then what the plan leaves free, in case.
-LOGITS_CHUNK = 1024  # supervised positions per slice (src/training/loop.py)
+# The loss (src/training/fused_loss.py) keeps the gradient of each supervised position's
+# hidden state (bf16) and nothing of the vocabulary; the final norm and the selection of
+# supervised positions about 4.5 bytes x hidden_size more.
+HEAD_BYTES_PER_HIDDEN = 2.0 + 4.5
+# Transients: one slice of the vocabulary projection (logits in bf16 and fp32, the softmax
+# cast back to bf16: 8 bytes a logit) and the allocator's fragmentation; then what the plan
+# leaves free, in case.
 # What the allocator reserves beyond what is allocated, at the peak (H200, docs/benchmarks.md):
 # up to 3% for LoRA, up to 20% for QLoRA (bitsandbytes' dequantized weights come and go).
 ALLOCATOR_SHARE = {False: 0.08, True: 0.20}
@@ -88,6 +111,7 @@ class MemoryModel:
     shape: ModelShape
     quantized: bool
     lora_rank: int
+    fused_lora: bool = True  # the training's LoRA forward (src/training/fused_lora.py)
 
     @property
     def weights(self) -> int:
@@ -114,17 +138,12 @@ class MemoryModel:
 
     @property
     def layer_bytes_per_token(self) -> float:
-        shape = self.shape
-        return (
-            LAYER_BYTES_PER_HIDDEN * shape.hidden
-            + LAYER_BYTES_PER_MLP * shape.mlp
-            + LAYER_BYTES_PER_RANK * self.lora_rank
-            + LAYER_BYTES
-        )
+        cost = FUSED_LAYER if self.fused_lora else PEFT_LAYER
+        return cost.bytes(self.shape.hidden, self.shape.mlp, self.lora_rank)
 
     @property
     def head_bytes_per_token(self) -> float:
-        return LOSS_BYTES_PER_VOCAB * self.shape.vocab + HEAD_BYTES_PER_HIDDEN * self.shape.hidden
+        return HEAD_BYTES_PER_HIDDEN * self.shape.hidden
 
     def bytes_per_token(self, checkpointing: bool) -> float:
         """Kept per token of a pass, every position supervised (text rows: the worst case)."""
@@ -151,7 +170,7 @@ class MemoryModel:
 
     @property
     def transient(self) -> int:
-        return int(3 * 4 * LOGITS_CHUNK * self.shape.vocab)
+        return int(8 * LOSS_CHUNK * self.shape.vocab)
 
     def peak(self, tokens: int, checkpointing: bool) -> int:
         activations = tokens * self.bytes_per_token(checkpointing) + self.transient
@@ -282,7 +301,7 @@ def plan_for_device(
     still allocates); on a CPU, passes of CPU_FORWARD_TOKENS (speed, not memory, decides)."""
     if placement.device.type != "cuda":
         return ForwardPlan(CPU_FORWARD_TOKENS, validation_tokens=CPU_FORWARD_TOKENS)
-    model = MemoryModel(ModelShape.of(model_config), quantized, lora_rank)
+    model = MemoryModel(ModelShape.of(model_config), quantized, lora_rank, fused_lora_enabled())
     free, _ = torch.cuda.mem_get_info(placement.device)
     budget = memory_budget(free) - (PROCESS_GROUP_HEADROOM if processes > 1 else 0)
     return plan_forwards(model, budget, longest, longest_validation)
