@@ -356,9 +356,12 @@ def section_training(peaks: dict) -> dict:
 
 def _peft_lora_forward(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
     """The fused LoRA forward's lever: the same case through peft's own forward."""
+    import dataclasses
+
     from src.training.fused_lora import install_fused_lora, remove_fused_lora
     from src.training.memory import plan_forwards
 
+    memory = dataclasses.replace(memory, fused_lora=False)  # peft's forward keeps more
     remove_fused_lora(model)
     run = {"method": "peft's LoRA forward", "case": "packed 4 x 2048", "budget": "whole card"}
     try:
