@@ -79,15 +79,15 @@ class LoraUpdate(torch.autograd.Function):
         factor = scale / (1 - p)
         out.view(-1, out.shape[-1]).addmm_(shrunk, b.t(), alpha=factor)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, mask, shrunk, lora_a, lora_b)  # parameters: kept anyway
+        ctx.save_for_backward(x, mask, shrunk, a, b)
         ctx.factor = factor
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        x, mask, shrunk, lora_a, lora_b = ctx.saved_tensors
-        a_dtype, b_dtype = lora_a.dtype, lora_b.dtype
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        x, mask, shrunk, a, b = ctx.saved_tensors
+        a_dtype, b_dtype = ctx.dtypes
         grads = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
         grad_shrunk = (grads @ b).mul_(ctx.factor)  # (N, r)
         grad_x = grad_a = grad_b = None
@@ -116,15 +116,14 @@ class SharedShrink(torch.autograd.Function):
         mask = dropout_mask(inputs, p) if p > 0 else None
         masked = inputs * mask if mask is not None else inputs
         shrunk = masked @ stacked.t()  # (N, sum r)
-        ctx.save_for_backward(x, mask, *lora_as)  # parameters: kept anyway
+        ctx.save_for_backward(x, mask, stacked)
         ctx.ranks = [a.shape[0] for a in lora_as]
+        ctx.dtypes = [a.dtype for a in lora_as]
         return tuple(shrunk.split(ctx.ranks, dim=1))
 
     @staticmethod
     def backward(ctx: Any, *grad_parts: torch.Tensor) -> tuple:
-        x, mask, *lora_as = ctx.saved_tensors
-        stacked = torch.cat([a.to(x.dtype) for a in lora_as])
-        dtypes = [a.dtype for a in lora_as]
+        x, mask, stacked = ctx.saved_tensors
         grads = torch.cat(
             [
                 g if g is not None else x.new_zeros(x.numel() // x.shape[-1], r)
@@ -139,7 +138,8 @@ class SharedShrink(torch.autograd.Function):
             masked = inputs * mask if mask is not None else inputs
             grad_stacked = grads.t() @ masked  # (sum r, in_features)
             grad_as = [
-                g.to(dtype) for g, dtype in zip(grad_stacked.split(ctx.ranks), dtypes, strict=True)
+                g.to(dtype)
+                for g, dtype in zip(grad_stacked.split(ctx.ranks), ctx.dtypes, strict=True)
             ]
         if ctx.needs_input_grad[0]:
             grad_inputs = grads @ stacked
@@ -158,20 +158,19 @@ class LoraExpand(torch.autograd.Function):
         b = lora_b.to(shrunk.dtype)
         out.view(-1, out.shape[-1]).addmm_(shrunk, b.t(), alpha=factor)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(shrunk, lora_b)  # the parameter: kept anyway
-        ctx.factor = factor
+        ctx.save_for_backward(shrunk, b)
+        ctx.factor, ctx.b_dtype = factor, lora_b.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        shrunk, lora_b = ctx.saved_tensors
-        b = lora_b.to(shrunk.dtype)
+        shrunk, b = ctx.saved_tensors
         grads = grad_out.reshape(-1, grad_out.shape[-1]).to(b.dtype)
         grad_shrunk = grad_b = None
         if ctx.needs_input_grad[1]:
             grad_shrunk = (grads @ b).mul_(ctx.factor)
         if ctx.needs_input_grad[2]:
-            grad_b = (grads.t() @ shrunk).to(lora_b.dtype).mul_(ctx.factor)
+            grad_b = (grads.t() @ shrunk).to(ctx.b_dtype).mul_(ctx.factor)
         return grad_out, grad_shrunk, grad_b, None
 
 

@@ -152,14 +152,16 @@ def measured() -> dict:
             kept.update({(layers, tokens): saved_bytes(model, tokens) for tokens in (16, 32)})
         per_layer = {tokens: kept[2, tokens] - kept[1, tokens] for tokens in (16, 32)}
         layer = (per_layer[32] - per_layer[16]) / 16
-        results[shape] = (layer, per_layer[16] - 16 * layer, kept[2, 32] / 32)
+        results[shape] = (layer, per_layer[16] - 16 * layer, (kept[2, 32] - kept[2, 16]) / 16)
     return results
 
 
 @pytest.mark.parametrize(("quantized", "hidden", "mlp", "fused"), MEASURED_SHAPES)
 def test_the_activation_model_covers_what_autograd_keeps(measured, quantized, hidden, mlp, fused):
     layer, kept_whatever_the_length, two_layers = measured[quantized, hidden, mlp, fused]
-    assert kept_whatever_the_length == 0  # e.g. a cast copy of the weights: not per token
+    # What a layer keeps whatever the length: at most its LoRA weights cast to bf16 (the fused
+    # forward keeps them rather than cast them again in the backward: fewer kernels)
+    assert kept_whatever_the_length <= 2 * 8 * (11 * hidden + 3 * mlp)
     config = {**LLAMA_2_7B, "hidden_size": hidden, "intermediate_size": mlp}
     config["vocab_size"] = MEASURED_VOCAB
     model = memory_model(quantized, config=config, fused=fused)
