@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 NO_KERNEL = {
     "view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
     "slice", "select", "detach", "alias", "as_strided", "reshape", "split", "split_with_sizes",
-    "unbind", "empty", "empty_like", "empty_strided", "lift_fresh", "_reshape_alias",
+    "unbind", "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh", "_reshape_alias",
+    "promote_types",
 }  # fmt: skip
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
 SIZES = {
@@ -151,7 +152,61 @@ def flash_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
     return _FlashStandIn.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
 
-def model_on_meta(size: str, layers: int, fused: bool = True):
+def counted(name: str, function):
+    """A compiled elementwise function (src/training/fused_elementwise.py) as the one kernel
+    each way that inductor makes of it: forward, it reads its inputs and writes its outputs
+    once; backward, it reads the incoming gradients and its inputs and writes their
+    gradients once. (Inductor may recompute instead of reading saved values: the same
+    bytes or fewer.)"""
+
+    class StandIn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with _disable_current_modes(), torch.enable_grad():
+                inputs = [
+                    a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                    for a in args
+                ]
+                outputs = function(*inputs)
+            ctx.single = isinstance(outputs, torch.Tensor)
+            ctx.inputs, ctx.outputs = inputs, (outputs,) if ctx.single else tuple(outputs)
+            _record_fused(name, [*args, *ctx.outputs])
+            with _disable_current_modes():
+                results = tuple(o.detach() for o in ctx.outputs)
+            return results[0] if ctx.single else results
+
+        @staticmethod
+        def backward(ctx, *grads):
+            wanted = [a for a in ctx.inputs if isinstance(a, torch.Tensor) and a.requires_grad]
+            with _disable_current_modes():
+                found = iter(torch.autograd.grad(ctx.outputs, wanted, grads, allow_unused=True))
+            result = [
+                next(found) if isinstance(a, torch.Tensor) and a.requires_grad else None
+                for a in ctx.inputs
+            ]
+            tensors = [a for a in ctx.inputs if isinstance(a, torch.Tensor)]
+            _record_fused(
+                f"{name}_backward", [*grads, *tensors, *(r for r in result if r is not None)]
+            )
+            return tuple(result)
+
+    return StandIn.apply
+
+
+def _record_fused(name: str, tensors) -> None:
+    census = _FlashStandIn.census
+    if census is not None:
+        census.operations[f"fused_{name}"] += 1
+        census.other_bytes += _bytes([t for t in tensors if isinstance(t, torch.Tensor)])
+
+
+def counted_elementwise():
+    from src.training.fused_elementwise import EAGER, TOKEN_DIMS, Elementwise
+
+    return Elementwise("compiled", *(counted(n, getattr(EAGER, n)) for n in TOKEN_DIMS))
+
+
+def model_on_meta(size: str, layers: int, fused: bool = True, compiled: bool = True):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from src import attention
@@ -169,16 +224,22 @@ def model_on_meta(size: str, layers: int, fused: bool = True):
         from src.training.fused_lora import install_fused_lora
 
         install_fused_lora(lora)
+    if compiled:
+        from src.training.fused_elementwise import install_elementwise
+
+        install_elementwise(lora, counted_elementwise())
     return lora
 
 
-def count_pass(size: str, layers: int, segments: list[int], fused: bool = True) -> Census:
+def count_pass(
+    size: str, layers: int, segments: list[int], fused: bool = True, compiled: bool = True
+) -> Census:
     """One training forward and backward over `segments`, every target supervised."""
     from src import attention
     from src.training.batching import MicroBatch
     from src.training.loop import supervised_loss_sum
 
-    model = model_on_meta(size, layers, fused)
+    model = model_on_meta(size, layers, fused, compiled)
     model.train()
     tokens = sum(segments)
     positions = torch.cat([torch.arange(n) for n in segments])
@@ -206,15 +267,22 @@ def count_pass(size: str, layers: int, segments: list[int], fused: bool = True) 
     return census
 
 
-def measure(size: str = "7b", tokens: int = 2048, segments: int = 4, fused: bool = True) -> dict:
+def measure(
+    size: str = "7b", tokens: int = 2048, segments: int = 4, fused: bool = True,
+    compiled: bool = True,
+) -> dict:  # fmt: skip
     """The census of one decoder layer and of the rest (embedding, head, loss); `fused`:
-    the training's fused LoRA forward (src/training/fused_lora.py), else peft's."""
+    the training's fused LoRA forward (src/training/fused_lora.py), else peft's; `compiled`:
+    the layer's elementwise work compiled (src/training/fused_elementwise.py, the GPU's
+    default), else transformers' eager layer."""
     lengths = [tokens // segments] * segments
-    one, two = count_pass(size, 1, lengths, fused), count_pass(size, 2, lengths, fused)
+    one = count_pass(size, 1, lengths, fused, compiled)
+    two = count_pass(size, 2, lengths, fused, compiled)
     layer, rest = two.minus(one), one.minus(two.minus(one))
     return {
         "size": size,
         "lora_forward": "fused" if fused else "peft",
+        "elementwise": "compiled" if compiled else "eager",
         "tokens": tokens,
         "segments": segments,
         "decoder_layer": layer.per_token(tokens),
@@ -227,8 +295,10 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="7b")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--peft", action="store_true", help="peft's own LoRA forward")
+    parser.add_argument("--eager", action="store_true", help="transformers' eager layers")
     args = parser.parse_args()
-    print(json.dumps(measure(args.size, args.tokens, fused=not args.peft), indent=2))
+    census = measure(args.size, args.tokens, fused=not args.peft, compiled=not args.eager)
+    print(json.dumps(census, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ modules, names and saved files are unchanged. Written here because neither peft 
 Liger-Kernel has a LoRA linear that accumulates into the base output.
 """
 
+import functools
 import os
 import types
 from typing import Any
@@ -54,6 +55,12 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """Which elements dropout keeps, each with probability 1 - p: ones and zeros in `like`'s
     dtype (one kernel; multiplying by it needs no type promotion)."""
     return torch.empty_like(like).bernoulli_(1 - p)
+
+
+def scaled_mm(left: torch.Tensor, right: torch.Tensor, factor: float) -> torch.Tensor:
+    """`factor * left @ right` in one GEMM: addmm with beta 0 never reads its (empty) input,
+    and the scale rides in the GEMM's alpha instead of a kernel of its own."""
+    return torch.addmm(left.new_empty(()), left, right, beta=0, alpha=factor)
 
 
 class LoraUpdate(torch.autograd.Function):
@@ -89,10 +96,10 @@ class LoraUpdate(torch.autograd.Function):
         x, mask, shrunk, a, b = ctx.saved_tensors
         a_dtype, b_dtype = ctx.dtypes
         grads = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
-        grad_shrunk = (grads @ b).mul_(ctx.factor)  # (N, r)
+        grad_shrunk = scaled_mm(grads, b, ctx.factor)  # (N, r)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
-            grad_b = (grads.t() @ shrunk).to(b_dtype).mul_(ctx.factor)
+            grad_b = scaled_mm(grads.t(), shrunk, ctx.factor).to(b_dtype)
         if ctx.needs_input_grad[2]:
             inputs = x.reshape(-1, x.shape[-1])
             masked = inputs * mask if mask is not None else inputs
@@ -111,14 +118,14 @@ class SharedShrink(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float, *lora_as: torch.Tensor) -> tuple:
-        stacked = torch.cat([a.to(x.dtype) for a in lora_as])  # (sum r, in_features)
+        stacked = torch.cat(lora_as).to(x.dtype)  # (sum r, in_features): one cast
         inputs = x.reshape(-1, x.shape[-1])
         mask = dropout_mask(inputs, p) if p > 0 else None
         masked = inputs * mask if mask is not None else inputs
         shrunk = masked @ stacked.t()  # (N, sum r)
         ctx.save_for_backward(x, mask, stacked)
         ctx.ranks = [a.shape[0] for a in lora_as]
-        ctx.dtypes = [a.dtype for a in lora_as]
+        ctx.dtype = functools.reduce(torch.promote_types, (a.dtype for a in lora_as))  # cat's
         return tuple(shrunk.split(ctx.ranks, dim=1))
 
     @staticmethod
@@ -136,11 +143,8 @@ class SharedShrink(torch.autograd.Function):
         if any(ctx.needs_input_grad[2:]):
             inputs = x.reshape(-1, x.shape[-1])
             masked = inputs * mask if mask is not None else inputs
-            grad_stacked = grads.t() @ masked  # (sum r, in_features)
-            grad_as = [
-                g.to(dtype)
-                for g, dtype in zip(grad_stacked.split(ctx.ranks), ctx.dtypes, strict=True)
-            ]
+            grad_stacked = (grads.t() @ masked).to(ctx.dtype)  # (sum r, in_features)
+            grad_as = list(grad_stacked.split(ctx.ranks))
         if ctx.needs_input_grad[0]:
             grad_inputs = grads @ stacked
             if mask is not None:
@@ -168,9 +172,9 @@ class LoraExpand(torch.autograd.Function):
         grads = grad_out.reshape(-1, grad_out.shape[-1]).to(b.dtype)
         grad_shrunk = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_shrunk = (grads @ b).mul_(ctx.factor)
+            grad_shrunk = scaled_mm(grads, b, ctx.factor)
         if ctx.needs_input_grad[2]:
-            grad_b = (grads.t() @ shrunk).to(ctx.b_dtype).mul_(ctx.factor)
+            grad_b = scaled_mm(grads.t(), shrunk, ctx.factor).to(ctx.b_dtype)
         return grad_out, grad_shrunk, grad_b, None
 
 

@@ -57,6 +57,7 @@ from src.training.data import (
     split_validation,
 )
 from src.training.examples import Examples
+from src.training.fused_elementwise import choose_elementwise
 from src.training.fused_lora import choose_lora_forward
 from src.training.job import TrainingJob
 from src.training.launcher import data_parallel_processes, launch_workers
@@ -158,6 +159,8 @@ def train_and_save(
             if job.start is not None:
                 load_starting_weights(model, job.start)
             choose_lora_forward(model)
+            # before the dropout seed: compiling probes with random tensors
+            choose_elementwise(model, placement.device, placement.dtype)
             torch.manual_seed(dropout_seed(config.seed, world.rank))
             result = train_adapter(
                 model, job.tokenizer, train_rows, validation_rows, config, forwards,

@@ -1,0 +1,268 @@
+"""The elementwise work of each Llama decoder layer in fused kernels while it trains.
+
+transformers' eager Llama layer runs RMSNorm as seven kernels (an fp32 copy, a square, a
+mean, an add, a reciprocal square root, two products), the rotary embedding as a dozen
+(halves, a negation, a concatenation, four products and two sums for q and k), SwiGLU as
+two and each residual add as one, each reading and writing whole activations, and as many
+again backward (bench/census.py counts them: a sixth of a 7B step's time on an H200). Here
+the decoder layer's training forward is the same arithmetic in four pure functions,
+
+    rms_norm(x)  ->  attention(q, k = rotary(q, k))  ->  add_rms_norm(x, update)
+        ->  down(swiglu(gate, up))  ->  x + update
+
+and on a GPU each is compiled by torch.compile (inductor: one Triton kernel forward and
+one backward). Nothing new is depended on; torch.compile traces them whole (no graph
+breaks) with the number of tokens marked dynamic, so one compilation per function serves
+every layer and every packing of the rows. Liger-Kernel's Triton kernels do the same work
+by hand, but attach by replacing transformers' module-level functions for every model in
+the process, and would put triton into the CPU runtime's requirements.
+
+Compiled where they run: `TRAIN_COMPILE` = `auto` (default: on CUDA), `1` (wherever the
+training runs, the CPU tests included) or `0` (transformers' eager layer, for comparison
+and as a way out). Before the training, each compiled function runs forward and backward
+once on the device; if that fails (no compiler for the device, a GPU triton does not
+support), the layers run eagerly and the log says why. The fused forward runs while the
+model trains with gradients on; validation, the validation_prompt answers and predict.py
+run transformers' own layer.
+"""
+
+import os
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    eager_attention_forward,
+    rotate_half,
+)
+
+from src.base_model import keep_compiler_caches_out_of_tmp
+from src.log import log
+
+ENABLE_VARIABLE = "TRAIN_COMPILE"  # auto | 1 | 0
+PROBE_TOKENS = 8
+
+
+def compile_setting() -> str:
+    """`auto`, `1` or `0`, from TRAIN_COMPILE (unset: auto)."""
+    value = os.environ.get(ENABLE_VARIABLE, "auto").strip().lower() or "auto"
+    aliases = {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}
+    value = aliases.get(value, value)
+    if value not in ("auto", "1", "0"):
+        raise ValueError(f"{ENABLE_VARIABLE} must be auto, 1 or 0, got {value!r}")
+    return value
+
+
+# The arithmetic of transformers' LlamaRMSNorm, apply_rotary_pos_emb and LlamaMLP's
+# activation, as pure functions of tensors (what torch.compile fuses).
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = hidden.dtype
+    wide = hidden.to(torch.float32)
+    wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * wide.to(dtype)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum and its RMSNorm, in one pass over the sum."""
+    total = residual + update
+    return total, rms_norm(total, weight, eps)
+
+
+def rotary(
+    query: torch.Tensor,  # (1, H, N, D)
+    key: torch.Tensor,  # (1, H_kv, N, D)
+    cos: torch.Tensor,  # (1, N, D)
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """The four functions a decoder layer's training forward calls, and what runs them."""
+
+    how: str  # "compiled" or "eager"
+    rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    swiglu: Callable[..., torch.Tensor]
+
+
+EAGER = Elementwise("eager", rms_norm, add_rms_norm, rotary, swiglu)
+
+# Which dimension of each tensor argument counts the tokens (marked dynamic for compile).
+TOKEN_DIMS = {
+    "rms_norm": (1,),
+    "add_rms_norm": (1, 1),
+    "rotary": (2, 2, 1, 1),
+    "swiglu": (1, 1),
+}
+
+
+def _compiled(name: str, function: Callable) -> Callable:
+    compiled = torch.compile(function, fullgraph=True)
+    dims = TOKEN_DIMS[name]
+
+    def call(*args: Any) -> Any:
+        for tensor, dim in zip(args, dims, strict=False):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return compiled(*args)
+
+    call.__name__ = f"compiled_{name}"
+    return call
+
+
+def compiled_elementwise() -> Elementwise:
+    """The four functions through torch.compile (compiled lazily, at their first call)."""
+    keep_compiler_caches_out_of_tmp()
+    return Elementwise(
+        "compiled",
+        *(_compiled(name, getattr(EAGER, name)) for name in TOKEN_DIMS),
+    )
+
+
+def probe(kernels: Elementwise, config: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """Run each function forward and backward once at the model's sizes (raises if the
+    device cannot compile them)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    n, hidden, eps = PROBE_TOKENS, config.hidden_size, config.rms_norm_eps
+    weight = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    outputs = [
+        kernels.rms_norm(tensor(1, n, hidden), weight, eps),
+        *kernels.add_rms_norm(tensor(1, n, hidden), tensor(1, n, hidden), weight, eps),
+        *kernels.rotary(
+            tensor(1, heads, n, head_dim),
+            tensor(1, kv_heads, n, head_dim),
+            tensor(1, n, head_dim),
+            tensor(1, n, head_dim),
+        ),
+        kernels.swiglu(
+            tensor(1, n, config.intermediate_size), tensor(1, n, config.intermediate_size)
+        ),
+    ]
+    sum(output.float().sum() for output in outputs).backward()
+
+
+def fused_layer_forward(
+    self: LlamaDecoderLayer,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache: Any = None,
+    use_cache: bool | None = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """A Llama decoder layer's forward: fused while training, transformers' otherwise."""
+    if not (self.training and torch.is_grad_enabled()) or cache is not None:
+        return type(self).forward(
+            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )  # fmt: skip
+    kernels: Elementwise = self._elementwise
+    first, second = self.input_layernorm, self.post_attention_layernorm
+    normed = kernels.rms_norm(hidden_states, first.weight, first.variance_epsilon)
+    update = _attention(self.self_attn, normed, position_embeddings, attention_mask, kernels,
+                        position_ids=position_ids, **kwargs)  # fmt: skip
+    hidden, normed = kernels.add_rms_norm(
+        hidden_states, update, second.weight, second.variance_epsilon
+    )
+    mlp = self.mlp
+    update = mlp.down_proj(kernels.swiglu(mlp.gate_proj(normed), mlp.up_proj(normed)))
+    return hidden + update
+
+
+def _attention(
+    attention: torch.nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    attention_mask: torch.Tensor | None,
+    kernels: Elementwise,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """transformers' LlamaAttention.forward without a cache, the rotary embedding fused."""
+    input_shape = hidden.shape[:-1]
+    hidden_shape = (*input_shape, -1, attention.head_dim)
+    query = attention.q_proj(hidden).view(hidden_shape).transpose(1, 2)
+    key = attention.k_proj(hidden).view(hidden_shape).transpose(1, 2)
+    value = attention.v_proj(hidden).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = kernels.rotary(query, key, cos, sin)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, eager_attention_forward
+    )
+    output, _ = interface(
+        attention, query, key, value, attention_mask,
+        dropout=attention.attention_dropout if attention.training else 0.0,
+        scaling=attention.scaling, **kwargs,
+    )  # fmt: skip
+    return attention.o_proj(output.reshape(*input_shape, -1).contiguous())
+
+
+def install_elementwise(model: torch.nn.Module, kernels: Elementwise) -> int:
+    """Give every Llama decoder layer of `model` the fused training forward; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+    for layer in layers:
+        layer._elementwise = kernels
+        layer.forward = types.MethodType(fused_layer_forward, layer)
+    return len(layers)
+
+
+def remove_elementwise(model: torch.nn.Module) -> None:
+    """Back to transformers' own layer forward (benchmarks compare the two)."""
+    for layer in model.modules():
+        if isinstance(layer, LlamaDecoderLayer):
+            vars(layer).pop("forward", None)
+            vars(layer).pop("_elementwise", None)
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause (torch.compile wraps what its backend raised)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def choose_elementwise(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    """The training's decoder-layer forward as TRAIN_COMPILE and the device allow; the log
+    says which runs and why. Returns "compiled" or "eager"."""
+    setting = compile_setting()
+    if setting == "0":
+        log(f"Elementwise: transformers' eager decoder layers ({ENABLE_VARIABLE}=0)")
+        return "eager"
+    if setting == "auto" and device.type != "cuda":
+        log(f"Elementwise: eager on {device.type} ({ENABLE_VARIABLE}=1 compiles there too)")
+        return "eager"
+    kernels = compiled_elementwise()
+    config = getattr(model, "config", None)
+    try:
+        probe(kernels, config, device, dtype)
+    except Exception as error:  # a compiler the device lacks, a GPU triton cannot target
+        log(f"Elementwise: eager, torch.compile failed on {device.type}: {_reason(error)}")
+        return "eager"
+    layers = install_elementwise(model, kernels)
+    log(
+        f"Elementwise: RMSNorm, rotary embedding, SwiGLU and residual adds compiled "
+        f"(torch.compile) on {layers} decoder layers ({ENABLE_VARIABLE}=0 for eager)"
+    )
+    return "compiled"
