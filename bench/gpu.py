@@ -256,9 +256,10 @@ def longest_segment(case: tuple) -> int:
     return int(rows.segment_lengths[rows.segments(ids)].max())
 
 
-def measure_training(model, case: tuple, plan, steps: int = 2) -> dict:
-    """Optimizer steps on one micro-batch as the loop runs it: passes as planned, the
-    gradient clipped, the loss and norm read once per step, AdamW (fused on a GPU)."""
+def training_step(model, case: tuple, plan) -> tuple[Callable[[], float], list]:
+    """One optimizer step on one micro-batch as the loop runs it, as a function returning
+    the loss: passes as planned, the gradient clipped, the loss and norm read once per
+    step, AdamW (fused on a GPU). Also returns the passes' batches."""
     from src.training.batching import collate, forward_groups
     from src.training.loop import MAX_GRAD_NORM, accumulate_gradients
 
@@ -268,16 +269,27 @@ def measure_training(model, case: tuple, plan, steps: int = 2) -> dict:
     rows, ids = case
     batches = [collate(rows, group) for group in forward_groups(rows, ids, plan.tokens)]
     targets = sum(b.num_targets for b in batches)
-    reset_peak()
-    timings = []
-    for _ in range(steps + 1):
-        synchronize()
-        started = time.perf_counter()
+
+    def step() -> float:
         loss = accumulate_gradients(model, batches, targets, DEVICE, plan)
         norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
         loss, _ = torch.stack([loss, norm.float()]).tolist()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, batches
+
+
+def measure_training(model, case: tuple, plan, steps: int = 2) -> dict:
+    """`steps` timed optimizer steps (after one untimed) of `training_step`."""
+    step, batches = training_step(model, case, plan)
+    reset_peak()
+    timings = []
+    for _ in range(steps + 1):
+        synchronize()
+        started = time.perf_counter()
+        loss = step()
         synchronize()
         timings.append(time.perf_counter() - started)
     seconds = statistics.median(timings[1:])
@@ -290,7 +302,7 @@ def measure_training(model, case: tuple, plan, steps: int = 2) -> dict:
         flops += (6 if checkpointed else 4) * matmul * batch.num_real_tokens
         flops += (4 if checkpointed else 3) * attention
     tokens = sum(b.num_real_tokens for b in batches)
-    del optimizer
+    del step
     return {
         "tokens": tokens,
         "passes": len(batches),
@@ -308,6 +320,7 @@ def section_training(peaks: dict) -> dict:
     """LoRA and QLoRA through the loop, planned for an A40's 44 GiB and for the whole card."""
     from src.attention import NAME
     from src.modeling import add_lora
+    from src.training.fused_elementwise import choose_elementwise
     from src.training.fused_lora import choose_lora_forward
     from src.training.memory import GIB, MemoryModel, ModelShape, plan_forwards
 
@@ -319,6 +332,7 @@ def section_training(peaks: dict) -> dict:
             quantize_to_nf4(model)
         model = add_lora(model, LORA["rank"], LORA["alpha"], LORA["dropout"], method == "qlora")
         choose_lora_forward(model)  # the product's default: fused (TRAIN_FUSED_LORA)
+        elementwise = choose_elementwise(model, DEVICE, torch.bfloat16)  # TRAIN_COMPILE
         memory = MemoryModel(ModelShape.of(llama_7b_config()), method == "qlora", LORA["rank"])
         if DEVICE.type == "cuda":
             card = torch.cuda.mem_get_info()[0] + memory_allocated()
@@ -331,7 +345,8 @@ def section_training(peaks: dict) -> dict:
             for case, rows in cases.items():  # rows: (Rows, the row ids of one micro-batch)
                 if budget_name == "whole card" and case == "long row 4096":
                     continue
-                run = {"method": method, "budget": budget_name, "case": case}
+                run = {"method": method, "budget": budget_name, "case": case, "levers": "default"}
+                run["elementwise"] = elementwise
                 try:
                     plan = plan_forwards(memory, budget, longest_segment(rows))
                     run |= {"plan": plan.describe(), "estimated_peak_gib": gib(plan.estimated_peak)}
@@ -343,9 +358,19 @@ def section_training(peaks: dict) -> dict:
                 reset_peak()
                 runs.append(run)
                 print(json.dumps(run), flush=True)
-        runs.append(_peft_lora_forward(model, cases["packed 4 x 2048"], memory, peaks, card))
-        runs[-1]["method"] = f"{method}, {runs[-1]['method']}"
-        print(json.dumps(runs[-1]), flush=True)
+        if method == "lora":
+            packed = cases["packed 4 x 2048"]
+            plan = plan_forwards(memory, card, longest_segment(packed))
+            profile = {"method": method, "case": "packed 4 x 2048", "budget": "whole card"}
+            runs.append(
+                profile | {"levers": "profile"} | _profile_training_step(model, packed, plan)
+            )
+            print(json.dumps(runs[-1]), flush=True)
+        for lever in LEVERS:  # each switched off in turn, on one case
+            runs.append(
+                lever(model, cases["packed 4 x 2048"], memory, peaks, card) | {"method": method}
+            )
+            print(json.dumps(runs[-1]), flush=True)
         if method == "qlora":
             runs.append(_qlora_upcast(model, cases["packed 4 x 2048"], memory, peaks, card))
             print(json.dumps(runs[-1]), flush=True)
@@ -354,26 +379,106 @@ def section_training(peaks: dict) -> dict:
     return {"training": runs}
 
 
-def _peft_lora_forward(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
-    """The fused LoRA forward's lever: the same case through peft's own forward."""
-    import dataclasses
+def _profile_training_step(model, case: tuple, plan, top: int = 12) -> dict:
+    """One training step at the defaults under the torch profiler: the kernels it launches,
+    the top ones by device time, and the gaps where the device waited for the host."""
+    from torch.profiler import ProfilerActivity, profile
 
-    from src.training.fused_lora import install_fused_lora, remove_fused_lora
+    step, _ = training_step(model, case, plan)
+    step()  # warm: compiled, allocated
+    synchronize()
+    activity = ProfilerActivity.CUDA if DEVICE.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as profiler:
+        step()
+        synchronize()
+    del step
+    kind = "CUDA" if DEVICE.type == "cuda" else "CPU"
+    kernels = sorted(
+        (
+            e
+            for e in profiler.events()
+            if e.device_type.name == kind and e.time_range.elapsed_us() >= 0
+        ),
+        key=lambda e: e.time_range.start,
+    )
+    if not kernels:
+        return {"profile_error": "no kernels recorded"}
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    span_us = kernels[-1].time_range.end - kernels[0].time_range.start
+    gaps, end = [], kernels[0].time_range.end
+    for event in kernels[1:]:
+        if event.time_range.start > end:
+            gaps.append(event.time_range.start - end)
+        end = max(end, event.time_range.end)
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
+    return {
+        "step_kernels": len(kernels),
+        "step_span_ms": span_us / 1000,
+        "kernel_busy_ms": busy_us / 1000,
+        "host_gap_ms": sum(gaps) / 1000,
+        "host_gaps_over_50us": sum(g > 50 for g in gaps),
+        "top_kernels": [
+            {
+                "name": name[:120],
+                "calls": len(times),
+                "ms": sum(times) / 1000,
+                "share": sum(times) / busy_us,
+            }
+            for name, times in ranked
+        ],
+    }
+
+
+def _lever_off(lever: str, off, on, model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
+    """The packed case on the whole card with one lever switched off (`off(model)` returns
+    the memory model to plan with), then on again (`on(model)`)."""
     from src.training.memory import plan_forwards
 
-    memory = dataclasses.replace(memory, fused_lora=False)  # peft's forward keeps more
-    remove_fused_lora(model)
-    run = {"method": "peft's LoRA forward", "case": "packed 4 x 2048", "budget": "whole card"}
+    run = {"levers": f"{lever} off", "case": "packed 4 x 2048", "budget": "whole card"}
     try:
+        memory = off(model, memory)
         plan = plan_forwards(memory, budget, longest_segment(rows))
         run |= measure_training(model, rows, plan) | {"plan": plan.describe()}
         run |= _mfu(run["tflops"], peaks)
     except Exception as error:
         run["error"] = f"{type(error).__name__}: {error}"[:300]
     finally:
-        install_fused_lora(model)
+        on(model)
         reset_peak()
     return run
+
+
+def _fused_lora_off(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
+    """The fused LoRA forward's lever: the same case through peft's own forward."""
+    import dataclasses
+
+    from src.training.fused_lora import install_fused_lora, remove_fused_lora
+
+    def off(model, memory):
+        remove_fused_lora(model)
+        return dataclasses.replace(memory, fused_lora=False)  # peft's forward keeps more
+
+    return _lever_off("fused LoRA", off, install_fused_lora, model, rows, memory, peaks, budget)
+
+
+def _compiled_elementwise_off(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
+    """The compiled elementwise lever: transformers' eager decoder layers."""
+    from src.training.fused_elementwise import choose_elementwise, remove_elementwise
+
+    def off(model, memory):
+        remove_elementwise(model)
+        return memory  # measured through eager layers: the same plan
+
+    def on(model):
+        choose_elementwise(model, DEVICE, torch.bfloat16)
+
+    return _lever_off("compiled elementwise", off, on, model, rows, memory, peaks, budget)
+
+
+LEVERS = (_fused_lora_off, _compiled_elementwise_off)
 
 
 def _qlora_upcast(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
@@ -391,7 +496,8 @@ def _qlora_upcast(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
         for name, parameter in model.named_parameters():  # prepare froze everything
             parameter.requires_grad_("lora_" in name)
         upcast = supervised_loss_sum(model.eval(), batch, DEVICE).item() / batch.num_targets
-    run = {"method": "qlora, peft's fp32 upcast", "case": "packed 4 x 2048"}
+    run = {"method": "qlora", "levers": "peft's fp32 upcast", "case": "packed 4 x 2048"}
+    run["budget"] = "whole card"
     run |= {"loss_bf16_parts": ours, "loss_fp32_parts": upcast}
     run["loss_relative_difference"] = abs(ours - upcast) / abs(upcast)
     try:

@@ -75,9 +75,10 @@ def run(smoke: bool, out: Path) -> dict:
     }  # fmt: skip
     # The operation census of a training pass as the GPU runs it (meta tensors: seconds)
     results["census"] = [
-        census.measure("tiny" if smoke else "7b", tokens=256 if smoke else 2048, fused=fused)
-        for fused in (False, True)
-    ]
+        census.measure("tiny" if smoke else "7b", 256 if smoke else 2048, fused=fused,
+                       compiled=compiled)
+        for fused, compiled in ((False, False), (True, False), (True, True))
+    ]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
@@ -159,16 +160,17 @@ def markdown(results: dict) -> str:
         f"Operation census, {first['size']} shapes, one training pass of {first['tokens']} "
         f"tokens (bench/census.py):",
         "",
-        "| LoRA forward | part | kernels | matmul FLOPs/token | matmul bytes/token "
-        "| other bytes/token |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| LoRA forward | elementwise | part | kernels | matmul FLOPs/token "
+        "| matmul bytes/token | other bytes/token |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for c, part in (
         (c, part) for c in results["census"] for part in ("decoder_layer", "embedding_head_loss")
     ):
         p = c[part]
         lines.append(
-            f"| {c['lora_forward']} | {part.replace('_', ' ')} | {p['kernels']} | "
+            f"| {c['lora_forward']} | {c['elementwise']} | {part.replace('_', ' ')} | "
+            f"{p['kernels']} | "
             f"{p['matmul_flops_per_token'] / 1e6:,.1f} M | "
             f"{p['matmul_bytes_per_token'] / 1e3:,.0f} KB | "
             f"{p['other_bytes_per_token'] / 1e3:,.0f} KB |"
