@@ -68,9 +68,7 @@ def sharded_rank(rank: int, init_file: str, model_dir: str, batches_file: str, o
         loss = supervised_loss_sum(model, batch, CPU)
         assert {"SharedShrinkBackward", "LoraExpandBackward", "LoraUpdateBackward"} <= nodes(loss)
         loss.backward()
-        grads = {
-            n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None
-        }
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         losses = [torch.zeros(()) for _ in range(WORLD)]
         dist.all_gather(losses, loss.detach())
         if rank == 0:
@@ -108,7 +106,9 @@ def test_sharded_lora_parameters_train_as_one_process_does(tiny_model_dir, halve
         loss.backward()
         losses.append(loss.detach())
     want = {n: p.grad / WORLD for n, p in model.named_parameters() if p.grad is not None}
-    assert [float(x) for x in sharded["losses"]] == pytest.approx([float(x) for x in losses], rel=1e-6)
+    assert [float(x) for x in sharded["losses"]] == pytest.approx(
+        [float(x) for x in losses], rel=1e-6
+    )
     assert sharded["grads"].keys() == want.keys() and len(want) == 4 * 7 * 2
     for name, grad in want.items():
         torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-5, atol=1e-8)
