@@ -23,13 +23,16 @@ and as a way out). Before the training, each compiled function runs forward and 
 once on the device; if that fails (no compiler for the device, a GPU triton does not
 support), the layers run eagerly and the log says why. The fused forward runs while the
 model trains with gradients on; validation, the validation_prompt answers and predict.py
-run transformers' own layer.
+run transformers' own layer. Activation checkpointing works on the fused forward as
+transformers' GradientCheckpointingLayer does on its own (the layer keeps its input only
+and runs again in backward), so the memory plan's checkpointed passes stay checkpointed.
 """
 
 import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -113,8 +116,22 @@ TOKEN_DIMS = {
 }
 
 
+def _fresh_copy(function: Callable) -> Callable:
+    """The function with a code object of its own: torch.compile keeps its compilations on
+    the code object, at most `recompile_limit` (8) of them, and past that a fullgraph
+    function raises. A copy per training gives each training the whole limit, so what an
+    earlier training in this process compiled (another dtype, another base) cannot make
+    this one fail in its middle."""
+    copy = types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__,
+        function.__defaults__, function.__closure__,
+    )  # fmt: skip
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
 def _compiled(name: str, function: Callable) -> Callable:
-    compiled = torch.compile(function, fullgraph=True)
+    compiled = torch.compile(_fresh_copy(function), fullgraph=True)
     dims = TOKEN_DIMS[name]
 
     def call(*args: Any) -> Any:
@@ -136,30 +153,35 @@ def compiled_elementwise() -> Elementwise:
 
 
 def probe(kernels: Elementwise, config: Any, device: torch.device, dtype: torch.dtype) -> None:
-    """Run each function forward and backward once at the model's sizes (raises if the
-    device cannot compile them)."""
+    """Run each function forward and backward once at the model's sizes, with the layouts
+    and gradient requirements a training step gives them (so the step compiles nothing
+    more, and a device that cannot compile fails here, before the training, not inside it):
+    frozen norm weights (Parameters); the first layer's input without a gradient and every
+    later one's with; q and k as the transposed views of their projections' outputs."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-    def tensor(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
-
     n, hidden, eps = PROBE_TOKENS, config.hidden_size, config.rms_norm_eps
-    weight = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    outputs = [
-        kernels.rms_norm(tensor(1, n, hidden), weight, eps),
-        *kernels.add_rms_norm(tensor(1, n, hidden), tensor(1, n, hidden), weight, eps),
-        *kernels.rotary(
-            tensor(1, heads, n, head_dim),
-            tensor(1, kv_heads, n, head_dim),
-            tensor(1, n, head_dim),
-            tensor(1, n, head_dim),
-        ),
-        kernels.swiglu(
-            tensor(1, n, config.intermediate_size), tensor(1, n, config.intermediate_size)
-        ),
-    ]
-    sum(output.float().sum() for output in outputs).backward()
+
+    def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+
+    def heads(count: int) -> torch.Tensor:  # as _attention shapes a projection's output
+        return tensor(1, n, count * head_dim).view(1, n, count, head_dim).transpose(1, 2)
+
+    # a frozen Parameter, as LoRA leaves the norms (dynamo guards on the type)
+    weight = torch.nn.Parameter(torch.ones(hidden, device=device, dtype=dtype), False)
+    cos, sin = tensor(1, n, head_dim, grad=False), tensor(1, n, head_dim, grad=False)
+    outputs = []
+    for grad in (False, True):  # the first layer's input, then every later layer's
+        outputs.append(kernels.rms_norm(tensor(1, n, hidden, grad=grad), weight, eps))
+        outputs += kernels.add_rms_norm(
+            tensor(1, n, hidden, grad=grad), tensor(1, n, hidden), weight, eps
+        )
+    outputs += kernels.rotary(
+        heads(config.num_attention_heads), heads(config.num_key_value_heads), cos, sin
+    )
+    intermediate = config.intermediate_size
+    outputs.append(kernels.swiglu(tensor(1, n, intermediate), tensor(1, n, intermediate)))
+    sum(o.float().sum() for o in outputs if o.requires_grad).backward()
 
 
 def fused_layer_forward(
@@ -178,6 +200,24 @@ def fused_layer_forward(
             self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
         )  # fmt: skip
+    body = partial(_fused_layer, self, attention_mask=attention_mask, position_ids=position_ids,
+                   position_embeddings=position_embeddings, **kwargs)  # fmt: skip
+    if self.gradient_checkpointing:
+        # What transformers' GradientCheckpointingLayer does for the class's own forward
+        # (which this instance attribute replaces): the layer keeps only its input and runs
+        # again in backward.
+        return self._gradient_checkpointing_func(body, hidden_states)
+    return body(hidden_states)
+
+
+def _fused_layer(
+    self: LlamaDecoderLayer,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    **kwargs: Any,
+) -> torch.Tensor:
     kernels: Elementwise = self._elementwise
     first, second = self.input_layernorm, self.post_attention_layernorm
     normed = kernels.rms_norm(hidden_states, first.weight, first.variance_epsilon)
@@ -253,8 +293,15 @@ def choose_elementwise(model: torch.nn.Module, device: torch.device, dtype: torc
     if setting == "auto" and device.type != "cuda":
         log(f"Elementwise: eager on {device.type} ({ENABLE_VARIABLE}=1 compiles there too)")
         return "eager"
+    config = model.config
+    activation = getattr(config, "hidden_act", "silu")
+    if activation != "silu":  # swiglu is SiLU's: another activation runs transformers' layer
+        log(f"Elementwise: eager, the base's activation is {activation!r}, not silu")
+        return "eager"
+    if not any(isinstance(m, LlamaDecoderLayer) for m in model.modules()):
+        log(f"Elementwise: eager, no Llama decoder layers in {type(config).__name__}'s model")
+        return "eager"
     kernels = compiled_elementwise()
-    config = getattr(model, "config", None)
     try:
         probe(kernels, config, device, dtype)
     except Exception as error:  # a compiler the device lacks, a GPU triton cannot target
