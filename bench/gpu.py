@@ -332,7 +332,7 @@ def section_training(peaks: dict) -> dict:
             quantize_to_nf4(model)
         model = add_lora(model, LORA["rank"], LORA["alpha"], LORA["dropout"], method == "qlora")
         choose_lora_forward(model)  # the product's default: fused (TRAIN_FUSED_LORA)
-        elementwise = choose_elementwise(model, DEVICE, torch.bfloat16)  # TRAIN_COMPILE
+        elementwise = choose_elementwise(model, DEVICE, 2048)  # TRAIN_COMPILE
         memory = MemoryModel(ModelShape.of(llama_7b_config()), method == "qlora", LORA["rank"])
         if DEVICE.type == "cuda":
             card = torch.cuda.mem_get_info()[0] + memory_allocated()
@@ -473,7 +473,7 @@ def _compiled_elementwise_off(model, rows: tuple, memory, peaks: dict, budget: i
         return memory  # measured through eager layers: the same plan
 
     def on(model):
-        choose_elementwise(model, DEVICE, torch.bfloat16)
+        choose_elementwise(model, DEVICE, 2048)
 
     return _lever_off("compiled elementwise", off, on, model, rows, memory, peaks, budget)
 

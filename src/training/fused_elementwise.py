@@ -19,9 +19,10 @@ the process, and would put triton into the CPU runtime's requirements.
 
 Compiled where they run: `TRAIN_COMPILE` = `auto` (default: on CUDA), `1` (wherever the
 training runs, the CPU tests included) or `0` (transformers' eager layer, for comparison
-and as a way out). Before the training, each compiled function runs forward and backward
-once on the device; if that fails (no compiler for the device, a GPU triton does not
-support), the layers run eagerly and the log says why. The fused forward runs while the
+and as a way out). Before the training, one pass (forward and backward, at a pass's length
+up to 2,048 tokens) runs through the model as it will train, compiling every graph its
+steps use; if that fails (no compiler for the device, a GPU triton does not support), the
+layers run eagerly and the log says why. The fused forward runs while the
 model trains with gradients on; validation, the validation_prompt answers and predict.py
 run transformers' own layer. Activation checkpointing works on the fused forward as
 transformers' GradientCheckpointingLayer does on its own (the layer keeps its input only
@@ -44,11 +45,12 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
+from src.attention import PackedSegments
 from src.base_model import keep_compiler_caches_out_of_tmp
 from src.log import log
 
 ENABLE_VARIABLE = "TRAIN_COMPILE"  # auto | 1 | 0
-PROBE_TOKENS = 8
+PROBE_TOKENS = 2048  # at most, in the probe's pass (its size hint for inductor)
 
 
 def compile_setting() -> str:
@@ -152,36 +154,30 @@ def compiled_elementwise() -> Elementwise:
     )
 
 
-def probe(kernels: Elementwise, config: Any, device: torch.device, dtype: torch.dtype) -> None:
-    """Run each function forward and backward once at the model's sizes, with the layouts
-    and gradient requirements a training step gives them (so the step compiles nothing
-    more, and a device that cannot compile fails here, before the training, not inside it):
-    frozen norm weights (Parameters); the first layer's input without a gradient and every
-    later one's with; q and k as the transposed views of their projections' outputs."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    n, hidden, eps = PROBE_TOKENS, config.hidden_size, config.rms_norm_eps
-
-    def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
-        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
-
-    def heads(count: int) -> torch.Tensor:  # as _attention shapes a projection's output
-        return tensor(1, n, count * head_dim).view(1, n, count, head_dim).transpose(1, 2)
-
-    # a frozen Parameter, as LoRA leaves the norms (dynamo guards on the type)
-    weight = torch.nn.Parameter(torch.ones(hidden, device=device, dtype=dtype), False)
-    cos, sin = tensor(1, n, head_dim, grad=False), tensor(1, n, head_dim, grad=False)
-    outputs = []
-    for grad in (False, True):  # the first layer's input, then every later layer's
-        outputs.append(kernels.rms_norm(tensor(1, n, hidden, grad=grad), weight, eps))
-        outputs += kernels.add_rms_norm(
-            tensor(1, n, hidden, grad=grad), tensor(1, n, hidden), weight, eps
-        )
-    outputs += kernels.rotary(
-        heads(config.num_attention_heads), heads(config.num_key_value_heads), cos, sin
-    )
-    intermediate = config.intermediate_size
-    outputs.append(kernels.swiglu(tensor(1, n, intermediate), tensor(1, n, intermediate)))
-    sum(o.float().sum() for o in outputs if o.requires_grad).backward()
+def probe(model: torch.nn.Module, device: torch.device, tokens: int) -> None:
+    """One training forward and backward of `tokens` tokens through the model as it will
+    train (its layers installed, its adapter's projections, frozen norms): torch.compile
+    compiles here every graph the training's steps use (gradients or none on the first
+    layer's input, on q and on k, as the adapter's targets make them), so a device that
+    cannot compile fails before the training, not inside it, and a step compiles nothing
+    more. The random state is left as it was (LoRA dropout draws here); no gradient stays.
+    `tokens` gives inductor its size hint (a GPU autotunes at it): a pass's length."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training = model.training
+    model.train()
+    ids = torch.arange(tokens, device=device).remainder(causal_lm.config.vocab_size)[None]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            hidden = causal_lm.model(
+                input_ids=ids,
+                position_ids=torch.arange(tokens, device=device)[None],
+                packed_segments=PackedSegments.of((tokens,), device),
+                use_cache=False,
+            ).last_hidden_state
+            hidden.float().sum().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
 
 
 def fused_layer_forward(
@@ -283,9 +279,10 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def choose_elementwise(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+def choose_elementwise(model: torch.nn.Module, device: torch.device, pass_tokens: int) -> str:
     """The training's decoder-layer forward as TRAIN_COMPILE and the device allow; the log
-    says which runs and why. Returns "compiled" or "eager"."""
+    says which runs and why. `pass_tokens`: the length of the training's passes (the probe
+    runs one of min(it, PROBE_TOKENS)). Returns "compiled" or "eager"."""
     setting = compile_setting()
     if setting == "0":
         log(f"Elementwise: transformers' eager decoder layers ({ENABLE_VARIABLE}=0)")
@@ -301,13 +298,13 @@ def choose_elementwise(model: torch.nn.Module, device: torch.device, dtype: torc
     if not any(isinstance(m, LlamaDecoderLayer) for m in model.modules()):
         log(f"Elementwise: eager, no Llama decoder layers in {type(config).__name__}'s model")
         return "eager"
-    kernels = compiled_elementwise()
+    layers = install_elementwise(model, compiled_elementwise())
     try:
-        probe(kernels, config, device, dtype)
+        probe(model, device, max(1, min(pass_tokens, PROBE_TOKENS)))
     except Exception as error:  # a compiler the device lacks, a GPU triton cannot target
+        remove_elementwise(model)
         log(f"Elementwise: eager, torch.compile failed on {device.type}: {_reason(error)}")
         return "eager"
-    layers = install_elementwise(model, kernels)
     log(
         f"Elementwise: RMSNorm, rotary embedding, SwiGLU and residual adds compiled "
         f"(torch.compile) on {layers} decoder layers ({ENABLE_VARIABLE}=0 for eager)"

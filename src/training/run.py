@@ -159,8 +159,9 @@ def train_and_save(
             if job.start is not None:
                 load_starting_weights(model, job.start)
             choose_lora_forward(model)
-            # before the dropout seed: compiling probes with random tensors
-            choose_elementwise(model, placement.device, placement.dtype)
+            choose_elementwise(
+                model, placement.device, forwards.tokens or train_rows.longest_segment
+            )
             torch.manual_seed(dropout_seed(config.seed, world.rank))
             result = train_adapter(
                 model, job.tokenizer, train_rows, validation_rows, config, forwards,

@@ -5,9 +5,11 @@ tiny model through them equals transformers' layer; eval runs transformers' laye
 exactly; the choice is logged, a compiler failure runs eager and says why; what the
 compiled functions keep for the backward is no more than eager keeps."""
 
+import dataclasses
 import os
 import re
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -174,21 +176,50 @@ def forward_saved_bytes(model, batch) -> int:
     return total
 
 
+def compilations() -> int:
+    """Graphs dynamo captured, and inductor's compilations of them (a backward is compiled
+    at its first run, a forward graph at its capture)."""
+    inductor = sum(n for key, n in counters["inductor"].items() if key.startswith("fxgraph_"))
+    return counters["stats"]["unique_graphs"] + inductor
+
+
+def counting(kernels):
+    """The functions of `kernels`, each call counted (by name)."""
+    calls = Counter()
+
+    def counted(name):
+        function = getattr(kernels, name)
+
+        def call(*args):
+            calls[name] += 1
+            return function(*args)
+
+        return call
+
+    return dataclasses.replace(kernels, **{n: counted(n) for n in TOKEN_DIMS}), calls
+
+
 def test_a_training_step_through_compiled_layers_equals_transformers_layers(
     tiny_model_dir, batches, compiled
 ):
     """Forward and backward, with activation checkpointing off and on; the probe compiles
-    every graph the steps use (so a compiler failure cannot wait for the training)."""
+    every graph the steps use (so a compiler failure cannot wait for the training); every
+    layer calls each compiled function once a forward, and a checkpointed layer again in
+    backward."""
     model = lora_model(tiny_model_dir)
     eager = [loss_and_gradients(model, batch) for batch in batches]
     eager_checkpointed_bytes = _checkpointed(model, forward_saved_bytes, batches[0])
-    fused_elementwise.probe(compiled, model.config, CPU, torch.float32)
-    graphs = counters["stats"]["unique_graphs"]
-    assert install_elementwise(model, compiled) == model.config.num_hidden_layers == 4
+    kernels, calls = counting(compiled)
+    assert install_elementwise(model, kernels) == model.config.num_hidden_layers == 4
+    fused_elementwise.probe(model, CPU, 64)
+    assert all(p.grad is None for p in model.parameters())
+    graphs = compilations()
     for batch, (loss, grads) in zip(batches, eager, strict=True):
         for checkpointed in (False, True):
             set_activation_checkpointing(model, checkpointed)
+            calls.clear()
             got_loss, got_grads = loss_and_gradients(model, batch)
+            assert calls == dict.fromkeys(TOKEN_DIMS, 4 * (2 if checkpointed else 1))
             torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=0)
             assert got_grads.keys() == grads.keys() and len(grads) == 4 * 7 * 2
             errors = [float((got_grads[n] - grads[n]).norm() / grads[n].norm()) for n in grads]
@@ -196,13 +227,35 @@ def test_a_training_step_through_compiled_layers_equals_transformers_layers(
     set_activation_checkpointing(model, False)
     assert not counters["graph_break"]
     # Four layers, three packings, checkpointing on and off: nothing compiled after the probe.
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert compilations() == graphs
     # Checkpointed, compiled layers keep only their inputs, as transformers' layers do.
     kept = forward_saved_bytes(model, batches[0])
     checkpointed_bytes = _checkpointed(model, forward_saved_bytes, batches[0])
     assert checkpointed_bytes <= eager_checkpointed_bytes < kept / 3
     remove_elementwise(model)
     assert torch.equal(loss_and_gradients(model, batches[0])[0], eager[0][0])
+
+
+def test_the_probe_compiles_what_an_adapter_on_some_projections_steps_through(
+    tiny_model_dir, batches, monkeypatch
+):
+    """LoRA on q and v only (a continued adapter's targets): the first layer's k and its
+    MLP's inputs carry no gradient, q does; the probe, a real pass through the model as it
+    trains, compiles those graphs too, and leaves no gradient and the random state as was."""
+    torch.manual_seed(0)
+    base = load_base_model(tiny_model_dir, False, Placement(CPU, torch.float32))
+    model = add_lora(base, 8, 16, 0.05, False, ["q_proj", "v_proj"])
+    install_fused_lora(model)
+    monkeypatch.setenv("TRAIN_COMPILE", "1")
+    state = torch.random.get_rng_state()
+    assert choose_elementwise(model, CPU, 64) == "compiled"
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    graphs = compilations()
+    for batch in batches:
+        loss_and_gradients(model, batch)
+    assert compilations() == graphs
+    assert not counters["graph_break"]
 
 
 def _checkpointed(model, function, *args):
@@ -244,26 +297,26 @@ def test_eval_and_no_grad_run_transformers_layer_exactly(tiny_model_dir, batches
 def test_the_choice_follows_the_setting_and_the_log_says_which(tiny_model_dir, monkeypatch, capsys):
     model = lora_model(tiny_model_dir)
     monkeypatch.delenv("TRAIN_COMPILE", raising=False)
-    assert choose_elementwise(model, CPU, torch.float32) == "eager"
+    assert choose_elementwise(model, CPU, 64) == "eager"
     assert (
         "Elementwise: eager on cpu (TRAIN_COMPILE=1 compiles there too)" in capsys.readouterr().out
     )
     monkeypatch.setenv("TRAIN_COMPILE", "0")
-    assert choose_elementwise(model, CPU, torch.float32) == "eager"
+    assert choose_elementwise(model, CPU, 64) == "eager"
     assert "transformers' eager decoder layers (TRAIN_COMPILE=0)" in capsys.readouterr().out
     assert "forward" not in vars(model.base_model.model.model.layers[0])
     monkeypatch.setenv("TRAIN_COMPILE", "1")
-    assert choose_elementwise(model, CPU, torch.float32) == "compiled"
+    assert choose_elementwise(model, CPU, 64) == "compiled"
     assert "compiled (torch.compile) on 4 decoder layers" in capsys.readouterr().out
     assert "forward" in vars(model.base_model.model.model.layers[0])
     model.config.hidden_act = "gelu"  # not the SwiGLU the fused layer computes
-    assert choose_elementwise(model, CPU, torch.float32) == "eager"
+    assert choose_elementwise(model, CPU, 64) == "eager"
     assert (
         "Elementwise: eager, the base's activation is 'gelu', not silu" in capsys.readouterr().out
     )
     monkeypatch.setenv("TRAIN_COMPILE", "sometimes")
     with pytest.raises(ValueError, match="TRAIN_COMPILE must be auto, 1 or 0, got 'sometimes'"):
-        choose_elementwise(model, CPU, torch.float32)
+        choose_elementwise(model, CPU, 64)
 
 
 def test_a_compiler_failure_runs_eager_and_says_why(tiny_model_dir, monkeypatch, capsys):
@@ -276,7 +329,7 @@ def test_a_compiler_failure_runs_eager_and_says_why(tiny_model_dir, monkeypatch,
     )
     monkeypatch.setenv("TRAIN_COMPILE", "1")
     model = lora_model(tiny_model_dir)
-    assert choose_elementwise(model, CPU, torch.float32) == "eager"
+    assert choose_elementwise(model, CPU, 64) == "eager"
     out = capsys.readouterr().out
     assert "Elementwise: eager, torch.compile failed on cpu:" in out
     assert "RuntimeError: no C++ compiler for this device" in out
