@@ -10,6 +10,7 @@ where that folder holds no model, from the Hub. The cache folder is BASE_MODEL_C
 ~/.cache/llama2-cog). Nothing happens at import.
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -55,9 +56,21 @@ COMPILER_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR
 
 def keep_compiler_caches_out_of_tmp() -> None:
     """torch.compile's and triton's caches into the cache folder (they default to TMPDIR,
-    which holds only what a request needs and is emptied of it); an operator's setting wins."""
+    which holds only what a request needs and is emptied of it); an operator's setting wins.
+
+    Importing transformers imports torch._dynamo, which asks inductor for its cache folder,
+    and inductor then writes its TMPDIR default into TORCHINDUCTOR_CACHE_DIR: that value is
+    inductor's, not an operator's, so it is replaced (and the empty folder removed)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    inductor_default = os.path.abspath(default_cache_dir())
     for variable, name in COMPILER_CACHES.items():
-        os.environ.setdefault(variable, str(cache_dir() / name))
+        current = os.environ.get(variable)
+        if current is None or os.path.abspath(current) == inductor_default:
+            os.environ[variable] = str(cache_dir() / name)
+    for empty in (os.path.join(inductor_default, "dynamo"), inductor_default):
+        with contextlib.suppress(OSError):  # only if empty, as inductor's import left it
+            os.rmdir(empty)
 
 
 def resolve_base_model(source: str | None = None) -> BaseModel:

@@ -409,3 +409,34 @@ def test_compiling_keeps_its_caches_in_the_cache_folder_not_tmpdir(monkeypatch, 
     compiled_elementwise()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torchinductor")
     assert os.environ["TRITON_CACHE_DIR"] == "/operator/triton"
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_compiler_cache_leaves_tmpdir_though_transformers_set_it_there(tmp_path):
+    """In a fresh process, as training and serving start: importing transformers already
+    wrote inductor's TMPDIR default into TORCHINDUCTOR_CACHE_DIR; where inductor then
+    writes is the cache folder."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, transformers, peft\n"
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+        "assert os.environ['TORCHINDUCTOR_CACHE_DIR'].startswith(os.environ['TMPDIR'])\n"
+        "from src.base_model import keep_compiler_caches_out_of_tmp\n"
+        "keep_compiler_caches_out_of_tmp()\n"
+        "print(cache_dir())\n"
+        "print(sorted(os.listdir(os.environ['TMPDIR'])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR",
+                                                             "TRITON_CACHE_DIR")}  # fmt: skip
+    (tmp_path / "tmp").mkdir()
+    env |= {"BASE_MODEL_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=PROJECT)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    where, left = done.stdout.splitlines()[-2:]
+    assert where == str(tmp_path / "cache" / "torchinductor")
+    assert left == "[]"  # nothing of inductor's left in TMPDIR
