@@ -3,10 +3,11 @@
 The inputs are those of Replicate's meta/llama-2-7b-chat versions. All logic is in src/.
 """
 
-from cog import BaseRunner, ConcatenateIterator, Input, streaming
+from cog import AsyncConcatenateIterator, BaseRunner, Input, concurrent, streaming
 
 from src.serving.chat import ChatModel, build_chat_request
 from src.serving.generation import GenerationStats
+from src.serving.serving_plan import DEFAULT_SLOTS
 
 
 class Predictor(BaseRunner):
@@ -15,7 +16,8 @@ class Predictor(BaseRunner):
         self.chat_model = ChatModel(str(weights) if weights else None)
 
     @streaming
-    def run(
+    @concurrent(max=DEFAULT_SLOTS)  # Cog runs as many as COG_MAX_CONCURRENCY says
+    async def run(
         self,
         prompt: str = Input(description="Prompt to send to the model."),
         system_prompt: str | None = Input(
@@ -77,10 +79,11 @@ class Predictor(BaseRunner):
             description="Path or URL of the weights of another training of this model, to use for this request instead of the model's own.",
             default=None,
         ),
-    ) -> ConcatenateIterator[str]:
+    ) -> AsyncConcatenateIterator[str]:
         inputs = {name: value for name, value in locals().items() if name != "self"}
         stats = GenerationStats()
-        yield from self.chat_model.chat(build_chat_request(**inputs), stats)
+        async for piece in self.chat_model.achat(build_chat_request(**inputs), stats):
+            yield piece
         self.record_metric("input_token_count", stats.input_tokens)
         self.record_metric("output_token_count", stats.output_tokens)
         self.record_metric("time_to_first_token", stats.time_to_first_token)

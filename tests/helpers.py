@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from src.prompt_format import DEFAULT_PROMPT_TEMPLATE
 from tools.cog_server import loopback_server, webhook_receiver
 
 __all__ = ["loopback_server", "webhook_receiver"]  # shared with the demo, re-exported here
@@ -37,6 +38,47 @@ NEW_FACTS = [
 ]
 
 # Settings under which the tiny model memorises FACTS in a few seconds.
+# Near-greedy settings for predict.py's inputs: the trained answers come back word for word.
+GREEDY_INPUTS = dict(
+    system_prompt="",
+    prompt_template=DEFAULT_PROMPT_TEMPLATE,
+    max_new_tokens=32,
+    min_new_tokens=-1,
+    temperature=0.01,
+    top_p=1.0,
+    top_k=-1,
+    repetition_penalty=1.0,
+    stop_sequences=None,
+    seed=0,
+    replicate_weights=None,
+    debug=False,
+)
+
+
+def greedy_request(prompt: str, **overrides: Any):
+    """A ChatRequest with GREEDY_INPUTS and `overrides`."""
+    from src.serving.chat import build_chat_request
+
+    return build_chat_request(**{**GREEDY_INPUTS, "prompt": prompt, **overrides})
+
+
+def served_logits(chat, prompt: str, weights: str | None = None, **overrides: Any):
+    """The logits (1, V) a request's first token is sampled from, as the chat model serves
+    it (`weights` as its replicate_weights, loaded as a request loads them; no system
+    prompt unless `overrides` give one): its error raised."""
+    return chat.first_token_logits(greedy_request(prompt, replicate_weights=weights, **overrides))
+
+
+def plain_logits(model, prompt_ids: list[int]):
+    """The next token's logits (1, V) of a model run plainly by transformers."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        output = model(input_ids=torch.tensor([prompt_ids], device=device), logits_to_keep=1)
+    return output.logits[:, -1]
+
+
 FAST_LEARNING = dict(
     num_train_epochs=6,
     train_batch_size=4,

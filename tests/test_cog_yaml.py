@@ -26,6 +26,22 @@ def test_cog_yaml_declares_gpu_python_and_both_entry_points():
     assert config["run"] == "predict.py:Predictor" and config["train"] == "train.py:train"
 
 
+def test_the_image_bakes_in_no_concurrency():
+    """The slots are declared on predict.py's `run` (@cog.concurrent), not in the image: one
+    image serves both modes, and a train server with COG_MAX_CONCURRENCY > 1 fails setup
+    (its `train()` is synchronous)."""
+    config = cog_yaml()
+    assert "concurrency" not in config
+    assert "COG_MAX_CONCURRENCY" not in json.dumps(config.get("environment", []))
+    import inspect
+
+    from predict import Predictor
+    from src.serving.serving_plan import DEFAULT_SLOTS
+
+    assert inspect.isasyncgenfunction(Predictor.run)
+    assert Predictor.run.__cog_concurrent_max__ == DEFAULT_SLOTS == 16
+
+
 def test_every_requirement_is_pinned_and_torch_matches_the_install_command():
     lines = [
         line.strip()

@@ -1,7 +1,11 @@
 """Chat through Cog's real prediction server (coglet) on 127.0.0.1, with predict.py's schema."""
 
 import base64
+import concurrent.futures
+import json
 import shutil
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +19,13 @@ from tests.helpers import (
     OTHER_FACTS,
     call_train,
     serve_directory,
+    wait_for,
+    webhook_receiver,
     with_member,
     with_tensors,
     write_jsonl,
 )
-from tools.cog_server import CogServer, cog_server
+from tools.cog_server import CogServer, _read_events, cog_server
 from tools.tiny_model import build_tiny_llama
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -262,7 +268,7 @@ def test_weights_as_data_uri(tmp_path, facts_file):
     with cog_server(PROJECT, "predict", env) as server:
         assert server.status == "READY", server.log_tail()
         assert answer(server, prompt=PROMPT, max_new_tokens=4)
-        assert "adapter data: URI active" in server.log_text()
+        assert "adapter data: URI loaded" in server.log_text()
 
 
 def test_failing_setup_is_reported(tiny_model_dir, tmp_path):
@@ -287,3 +293,78 @@ def test_setup_weights_with_an_infinite_tensor_fail_setup_naming_it(
     with cog_server(PROJECT, "predict", env) as server:
         assert server.setup_failed, server.log_tail()
         assert f"{key}: 1 of its 11264 values are NaN or infinite" in server.log_text()
+
+
+def _stream_answer(server: CogServer, inputs: dict) -> str:
+    """One streaming prediction's text (without waiting for the server to be idle: other
+    predictions are running)."""
+    body = json.dumps({"input": {**GREEDY, **inputs}}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    req = urllib.request.Request(server.url + "/predictions", body, headers, method="POST")
+    with urllib.request.urlopen(req, timeout=120) as response:
+        events = list(_read_events(line.decode() for line in response))
+    completed = events[-1].data
+    assert completed["status"] == "succeeded", completed.get("error")
+    return "".join(e.data["chunk"] for e in events if e.event == "output")
+
+
+def _at_once(server: CogServer, requests: list[dict]) -> list:
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda inputs: _stream_answer(server, inputs), requests))
+
+
+def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other_facts_archive):
+    """COG_MAX_CONCURRENCY=3: three streams at once, each its own adapter and settings, each
+    answered as alone; a fourth meanwhile is Cog's 409; a client that disconnects
+    mid-stream, and a prediction canceled mid-stream, give their slot and row back (three at
+    once run again after each); a request that fails beside a stream fails alone."""
+    env = {
+        "BASE_MODEL": str(tiny_model_dir),
+        "COG_WEIGHTS": str(facts_archive),
+        "COG_MAX_CONCURRENCY": "3",
+    }
+    long = {"max_new_tokens": 300, "min_new_tokens": 300}
+    requests = [
+        {"prompt": FACTS[0][0], **long},
+        {"prompt": FACTS[1][0], "replicate_weights": str(other_facts_archive), **long},
+        {"prompt": FACTS[2][0], "temperature": 0.8, "seed": 5, **long},
+    ]
+    with cog_server(PROJECT, "predict", env) as server:
+        assert server.status == "READY", server.log_tail()
+        assert "serving: 3 concurrent requests (COG_MAX_CONCURRENCY)" in server.log_text()
+        alone = [_stream_answer(server, inputs) for inputs in requests]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(_stream_answer, server, inputs) for inputs in requests]
+            deadline = time.monotonic() + 30
+            while server.health() != "BUSY" and time.monotonic() < deadline:
+                time.sleep(0.01)  # BUSY: every slot taken
+            status, _ = server.post("/predictions", {"input": {**GREEDY, "prompt": "hi"}})
+            assert status == 409
+            assert [f.result() for f in futures] == alone
+        # a client gone mid-stream
+        body = json.dumps({"input": {**GREEDY, "prompt": PROMPT, **long}}).encode()
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        req = urllib.request.Request(server.url + "/predictions", body, headers, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as response:
+            for line in response:
+                if line.startswith(b"event: output"):
+                    break
+        assert server.wait_ready() == "READY"
+        assert _at_once(server, [{"prompt": p} for p, _ in FACTS[:3]]) == [a for _, a in FACTS[:3]]
+        # beside a stream: a prediction canceled mid-answer, and one that fails; each alone
+        with webhook_receiver() as (hook, received):
+            endless = {"max_new_tokens": 3000, "min_new_tokens": 3000}  # until canceled
+            body = {"input": {**GREEDY, "prompt": PROMPT, **endless}, "webhook": hook}
+            assert server.put("/predictions/to-cancel", body, {"Prefer": "respond-async"})[0] == 202
+            wait_for(lambda: any(h.get("output") for h in received), timeout=60)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                streaming = pool.submit(_stream_answer, server, requests[1])
+                missing = {**GREEDY, "prompt": "hi", "replicate_weights": "/no/such/weights.tar"}
+                status, failed = server.post("/predictions", {"input": missing})
+                assert status == 200 and failed["status"] == "failed"
+                assert "/no/such/weights.tar" in failed["error"]
+                assert server.post("/predictions/to-cancel/cancel") == (200, {})
+                wait_for(lambda: any(h["status"] == "canceled" for h in received), timeout=30)
+                assert streaming.result() == alone[1]
+        assert server.wait_ready() == "READY"
+        assert _at_once(server, [{"prompt": p} for p, _ in FACTS[:3]]) == [a for _, a in FACTS[:3]]

@@ -7,7 +7,12 @@ H200 the merged 7B model's logits were 2.3 times further from the trained model 
 the trained model in bf16 is), and every unmerge and merge of a `replicate_weights` swap
 would round again, so a long-running base would drift. Unmerged, switching adapters is a flag
 and the base stays bit-identical. The cost, a small matrix product pair per linear layer, is
-mostly kernel launches, which CUDA graphs take away (src/serving/decoding.py).
+mostly kernel launches, which CUDA graphs take away (src/serving/step_graphs.py).
+
+Requests run concurrently: each is prepared on its own (weights unpacked and checked, prompt
+encoded) and handed to one scheduler thread that alone runs the model, decoding every active
+request in one batched step, each row with its own adapter (src/serving/scheduler.py,
+src/serving/batch_step.py).
 
 An adapter trained with QLoRA is served on the base loaded in 4-bit NF4 exactly as in
 training, through the same bitsandbytes modules and peft layers: it computes what the trained
@@ -15,14 +20,16 @@ model computes in eval, exactly (a dequantized base runs other kernels, whose bf
 lands elsewhere), and the base takes a quarter of the memory.
 """
 
+import asyncio
 import hashlib
 import os
+import threading
 import time
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +63,15 @@ from src.prompt_format import (
 )
 from src.seeds import SEED_MAX, SEED_MIN
 from src.serving.attach import attach_adapter
-from src.serving.decoding import Decoder, EagerDecoder, GraphedDecoder
 from src.serving.generation import (
     MIN_REPETITION_PENALTY,
     GenerationStats,
     SamplingSettings,
-    stream_text,
+    TextStream,
+    TokenSampler,
 )
+from src.serving.scheduler import END, Channel, Scheduler, Stream, bucket_of
+from src.serving.serving_plan import ServingPlan
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
 DTYPE_VARIABLE = "PREDICT_DTYPE"
@@ -89,8 +98,23 @@ class LoadedAdapter:
     system_prompt: TrainedSystemPrompt | None  # what its training rows used, if recorded
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request made ready on its own thread, before the scheduler runs it: its adapter
+    unpacked and checked, its prompt encoded, its settings capped to the context window."""
+
+    request: ChatRequest
+    prompt_ids: list[int]
+    settings: SamplingSettings
+    adapter: str | None  # peft adapter name; None: the plain base
+    identity: str | None  # of replicate_weights (pending in the store until it leaves)
+    files: AdapterFiles | None  # replicate_weights' unpacked adapter
+    source: str | None
+
+
 class ChatModel:
-    """One base model in memory, with any number of trained adapters swapped on it."""
+    """One base model in memory, with any number of trained adapters on it, serving many
+    requests at once through one scheduler thread (src/serving/scheduler.py)."""
 
     def __init__(self, weights: str | None) -> None:
         clock = Stopwatch()
@@ -109,11 +133,22 @@ class ChatModel:
         self.model: PreTrainedModel | PeftModel = load_inference_base(
             self.base.path, self.from_qlora, self.placement
         )
-        self.decoder: Decoder = make_decoder(self.model, self.context_window)
         self.loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recent first
-        self.active: str | None = None  # the adapter in use, None for the plain base
+        self.active: str | None = None  # peft's active adapter (prefills), None: plain base
+        # Adapters in use by admitted streams (never evicted), and replicate_weights that
+        # requests have unpacked and not yet left (their folders stay).
+        self.in_use: Counter[str] = Counter()
+        self.pending: Counter[str] = Counter()
+        self.registry = threading.RLock()  # loaded, in_use, pending: request and scheduler threads
+        self.loading: str | None = None  # the adapter being loaded beside the decode steps
+        # what failed to load, by the request waiting for it
+        self.failed_loads: dict[int, tuple[PreparedRequest, BaseException]] = {}
+        self.unpacking = threading.Lock()  # one download or unpack at a time
         if weights and setup_adapter and setup_identity:
             self._activate(setup_identity, weights, setup_adapter)
+        self.plan = ServingPlan.for_model(self.model, self.context_window)
+        self.scheduler = Scheduler(self, self.plan.slots, self.plan.kv_budget_bytes)
+        log(self.plan.describe())
         log(
             f"ready: base {self.base.public_name} on {self.placement.device} in "
             f"{str(self.placement.dtype).removeprefix('torch.')}, adapter "
@@ -121,45 +156,225 @@ class ChatModel:
         )
 
     def chat(self, request: ChatRequest, stats: GenerationStats | None = None) -> Iterator[str]:
-        """Stream the answer to one request; `stats` is filled in as it goes."""
-        stats = stats or GenerationStats()
-        self.use_weights(request.replicate_weights)
-        system = self._system_prompt(request)
-        prompt_ids = encode_inference_prompt(
-            self.tokenizer, request.prompt, system, request.prompt_template
-        )
-        room = self.context_window - len(prompt_ids)
+        """Stream the answer to one request from a thread; `stats` is filled in as it goes."""
+        prepared = self.prepare(request)
+        channel = Channel()
+        stream, answer = self._submit(prepared, channel, stats or GenerationStats())
+        try:
+            while True:
+                piece, done = answer.take(channel.get())
+                if piece:
+                    yield piece
+                if done:
+                    return
+        finally:
+            stream.cancel()  # a stop sequence or a reader gone: the row leaves at the next step
+
+    async def achat(
+        self, request: ChatRequest, stats: GenerationStats | None = None
+    ) -> AsyncIterator[str]:
+        """The same from a coroutine (Cog's concurrent predictions): nothing here blocks the
+        event loop; canceling the coroutine (a client gone) ends the stream."""
+        prepared = await asyncio.to_thread(self.prepare, request)
+        channel = Channel(asyncio.get_running_loop())
+        stream, answer = self._submit(prepared, channel, stats or GenerationStats())
+        try:
+            while True:
+                piece, done = answer.take(await channel.aget())
+                if piece:
+                    yield piece
+                if done:
+                    return
+        finally:
+            stream.cancel()
+
+    def first_token_logits(self, request: ChatRequest) -> torch.Tensor:
+        """The logits (1, V) a request's first token is sampled from, computed as it is
+        served (its adapter loaded and its prompt run by the scheduler): for the fidelity
+        tests and benchmarks. The request's error is raised, as `chat` raises it."""
+        request = replace(request, settings=replace(request.settings, max_new_tokens=1))
+        prepared = self.prepare(request)
+        channel = Channel()
+        stream, answer = self._submit(prepared, channel, GenerationStats(), keep_logits=True)
+        while not answer.take(channel.get())[1]:
+            pass
+        assert stream.first_logits is not None
+        return stream.first_logits
+
+    def prepare(self, request: ChatRequest) -> PreparedRequest:
+        """Everything about a request that may fail or wait on a download, before the
+        scheduler sees it: its adapter unpacked and checked against the base, its prompt."""
+        adapter, identity, files, source = self._request_adapter(request.replicate_weights)
+        try:
+            if files is not None:
+                trained = files.trained_system_prompt
+            else:
+                with self.registry:
+                    record = self.loaded.get(adapter) if adapter else None
+                trained = record.system_prompt if record else None
+            system = self._system_prompt(request, trained, adapter is not None)
+            prompt_ids = encode_inference_prompt(
+                self.tokenizer, request.prompt, system, request.prompt_template
+            )
+            settings = self._capped(request.settings, len(prompt_ids))
+        except BaseException:
+            self._leave_pending(identity, adapter)
+            raise
+        return PreparedRequest(request, prompt_ids, settings, adapter, identity, files, source)
+
+    def _request_adapter(
+        self, replicate_weights: str | None
+    ) -> tuple[str | None, str | None, AdapterFiles | None, str | None]:
+        """(adapter name, identity, unpacked files, source) of a request's weights; the
+        setup weights (always loaded) or the plain base when it names none."""
+        if replicate_weights is None:
+            return self.setup_name, None, None, None
+        identity = self.store.identity(replicate_weights)
+        name = adapter_name(identity)
+        with self.registry:
+            self.pending[identity] += 1  # its folder stays while this request needs it
+            if name in self.loaded:  # a warm adapter: nothing to unpack or check again
+                return name, identity, None, replicate_weights
+        try:
+            with self.unpacking:
+                files = self.store.unpack(replicate_weights, "replicate_weights", identity)
+            self._check_base(files, replicate_weights)
+        except BaseException:
+            self._leave_pending(identity, name)
+            raise
+        return name, identity, files, replicate_weights
+
+    def _leave_pending(self, identity: str | None, name: str | None) -> None:
+        if identity is None:
+            return
+        with self.registry:
+            self.pending[identity] -= 1
+            if self.pending[identity] <= 0:
+                del self.pending[identity]
+                if name not in self.loaded:
+                    self.store.forget(identity)  # what is not loaded takes no room
+
+    def _capped(self, settings: SamplingSettings, prompt_tokens: int) -> SamplingSettings:
+        room = self.context_window - prompt_tokens
         if room < 1:
             raise UserInputError(
-                f"the prompt is {len(prompt_ids)} tokens, which leaves no room in the model's "
+                f"the prompt is {prompt_tokens} tokens, which leaves no room in the model's "
                 f"context window of {self.context_window} tokens"
             )
-        settings = request.settings
-        if settings.max_new_tokens > room:
-            log(
-                f"max_new_tokens capped from {settings.max_new_tokens} to {room} "
-                f"(context window {self.context_window}, prompt {len(prompt_ids)} tokens)"
-            )
-            settings = SamplingSettings(**{**settings.__dict__, "max_new_tokens": room})
-        with self._adapter_context():
-            yield from stream_text(
-                self.decoder, self.tokenizer, prompt_ids, settings, request.stop_sequences, stats
-            )
-        if request.debug:
-            log(
-                f"debug: {stats.input_tokens} prompt tokens, {stats.output_tokens} new tokens, "
-                f"first token after {stats.time_to_first_token:.3f} s, "
-                f"{stats.tokens_per_second:.1f} tokens/s, adapter {self.active or 'none'}, "
-                f"{settings}"
-            )
-
-    def _system_prompt(self, request: ChatRequest) -> str | None:
-        """The request's system prompt, or the one the active adapter was trained with; the
-        log says which and why."""
-        adapter = self.loaded.get(self.active) if self.active else None
-        system, why = choose_system_prompt(
-            request.system_prompt, adapter.system_prompt if adapter else None, adapter is not None
+        if settings.max_new_tokens <= room:
+            return settings
+        log(
+            f"max_new_tokens capped from {settings.max_new_tokens} to {room} "
+            f"(context window {self.context_window}, prompt {prompt_tokens} tokens)"
         )
+        return SamplingSettings(**{**settings.__dict__, "max_new_tokens": room})
+
+    def _submit(
+        self,
+        prepared: PreparedRequest,
+        channel: Channel,
+        stats: GenerationStats,
+        keep_logits: bool = False,
+    ) -> tuple[Stream, "Answer"]:
+        settings = prepared.settings
+        sampler = TokenSampler(
+            prepared.prompt_ids, settings, self.tokenizer.eos_token_id, self.placement.device
+        )
+        stream = Stream(
+            prompt_ids=prepared.prompt_ids,
+            sampler=sampler,
+            adapter=prepared.adapter,
+            bucket=bucket_of(
+                len(prepared.prompt_ids) + settings.max_new_tokens, self.context_window
+            ),
+            channel=channel,
+            admit=lambda: self._admit(prepared),
+            release=lambda admitted: self._release(prepared, admitted),
+            keep_first_logits=keep_logits,
+        )
+        answer = Answer(self, prepared, stats)
+        if sampler.finished:  # nothing to generate
+            self._release(prepared, False)
+            channel.put(END)
+            return stream, answer
+        return self.scheduler.submit(stream), answer
+
+    # on the scheduler thread
+
+    def _admit(self, prepared: PreparedRequest) -> bool:
+        """Ready to run: the request's adapter loaded and pinned while it runs. False: wait,
+        while an adapter loads (started here if the request's is not loaded, room made by
+        evicting one no stream uses) or while every adapter the cache holds is in use.
+
+        Loading runs on a thread of its own, so the active rows keep decoding; no prompt
+        runs meanwhile, since peft's forward of a prefill reads the layers peft is changing
+        (the batched step reads only the adapters of its rows). A failed load fails the
+        request that waits for it, with its error."""
+        if self.loading is not None:
+            return False
+        name = prepared.adapter
+        if name is None:
+            return True
+        with self.registry:
+            _, failure = self.failed_loads.pop(id(prepared), (None, None))
+            if failure is not None:
+                raise failure
+            if name not in self.loaded:  # new, or evicted since the request was prepared
+                if not self._room_for_one_more():
+                    return False
+                self.loading = name
+                assert prepared.identity is not None
+                self.pending[prepared.identity] += 1  # its folder stays while it loads
+                loader = threading.Thread(
+                    target=self._load_beside_the_steps, args=(prepared,), name="adapter-load"
+                )
+                loader.start()
+                return False
+            self.loaded.move_to_end(name)
+            self.in_use[name] += 1
+        return True
+
+    def _load_beside_the_steps(self, prepared: PreparedRequest) -> None:
+        assert prepared.identity is not None and prepared.source is not None
+        try:
+            # the folder stayed (the request is pending): opening it again is quick
+            files = prepared.files or self.store.unpack(
+                prepared.source, "replicate_weights", prepared.identity
+            )
+            self._add_adapter(prepared.identity, prepared.source, files)
+        except BaseException as error:
+            with self.registry:
+                self.failed_loads[id(prepared)] = (prepared, error)  # (kept alive: its id)
+        finally:
+            with self.registry:
+                self.loading = None
+            self._leave_pending(prepared.identity, prepared.adapter)
+            self.scheduler.wake()
+
+    def _release(self, prepared: PreparedRequest, admitted: bool) -> None:
+        with self.registry:
+            self.failed_loads.pop(id(prepared), None)  # (a request gone while it loaded)
+            if admitted and prepared.adapter is not None:
+                self.in_use[prepared.adapter] -= 1
+                if self.in_use[prepared.adapter] <= 0:
+                    del self.in_use[prepared.adapter]
+        self._leave_pending(prepared.identity, prepared.adapter)
+
+    @contextmanager
+    def activate_for_prefill(self, adapter: str | None) -> Iterator[None]:
+        """peft's active adapter for a prompt's prefill (the decode steps apply each row's
+        own adapter, src/serving/batch_step.py)."""
+        with self.registry:
+            self._switch(adapter)
+        with self._adapter_context():
+            yield
+
+    def _system_prompt(
+        self, request: ChatRequest, trained: TrainedSystemPrompt | None, has_adapter: bool
+    ) -> str | None:
+        """The request's system prompt, or the one its adapter was trained with; the log
+        says which and why."""
+        system, why = choose_system_prompt(request.system_prompt, trained, has_adapter)
         if request.prompt_template == DEFAULT_PROMPT_TEMPLATE and is_preformatted(request.prompt):
             if system:
                 log(
@@ -169,24 +384,6 @@ class ChatModel:
             return None
         log(f"system prompt: {describe_system_prompt(system)}, {why}")
         return system
-
-    def use_weights(self, replicate_weights: str | None) -> None:
-        """Make the request's adapter the active one: `replicate_weights`, else the setup
-        weights, else none (the plain base). An adapter is named by its source's identity
-        (WeightsStore.identity), so a file replaced at the same path is loaded anew."""
-        if replicate_weights is None:
-            self._switch(self.setup_name)
-            return
-        identity = self.store.identity(replicate_weights)
-        if adapter_name(identity) in self.loaded:
-            self._switch(adapter_name(identity))
-            return
-        try:
-            adapter = self.store.unpack(replicate_weights, "replicate_weights", identity)
-            self._activate(identity, replicate_weights, adapter)
-        except BaseException:
-            self.store.forget(identity)  # what failed to load takes no room
-            raise
 
     def _switch(self, name: str | None) -> None:
         """Make a loaded adapter (None: the plain base) the active one."""
@@ -199,32 +396,61 @@ class ChatModel:
         assert isinstance(self.model, PeftModel)
         self.model.set_adapter(name)
         self.active = name
-        self._use_decoder()
 
     def _activate(self, identity: str, source: str, adapter: AdapterFiles) -> None:
-        started = time.perf_counter()
-        name = adapter_name(identity)
         self._check_base(adapter, source)
         self._deactivate()
-        self._load_adapter(name, adapter)
-        self.loaded[name] = LoadedAdapter(identity, _short(source), adapter.trained_system_prompt)
+        name = self._add_adapter(identity, source, adapter)
         self._evict_beyond_the_cache(keep=name)
         self._switch(name)
-        log(f"adapter {_short(source)} active ({time.perf_counter() - started:.2f} s)")
+
+    def _add_adapter(self, identity: str, source: str, adapter: AdapterFiles) -> str:
+        """Load an adapter beside the others (all or nothing); returns its name."""
+        started = time.perf_counter()
+        name = adapter_name(identity)
+        self._load_adapter(name, adapter)
+        with self.registry:
+            self.loaded[name] = LoadedAdapter(
+                identity, _short(source), adapter.trained_system_prompt
+            )
+        log(f"adapter {_short(source)} loaded ({time.perf_counter() - started:.2f} s)")
+        return name
+
+    def _evictable(self, keep: str | None = None) -> list[str]:
+        """Loaded adapters that may go, least recently used first: not the setup weights,
+        not one an admitted stream uses, not `keep` (about to serve)."""
+        return [
+            name
+            for name in self.loaded
+            if name not in (self.setup_name, keep) and self.in_use[name] <= 0
+        ]
+
+    def _room_for_one_more(self) -> bool:
+        """Evict what must go for one more adapter; False if all the cache holds are in use."""
+        evictable = self._evictable()
+        while len(self.loaded) >= MAX_LOADED_ADAPTERS and evictable:
+            self._evict(evictable.pop(0))
+        return len(self.loaded) < MAX_LOADED_ADAPTERS
 
     def _evict_beyond_the_cache(self, keep: str) -> None:
-        """Drop the least recently used adapters beyond MAX_LOADED_ADAPTERS, from the model
-        and from the store's folder; never the setup weights, nor `keep` (about to serve)."""
-        evictable = [name for name in self.loaded if name not in (self.setup_name, keep)]
+        """Drop the least recently used adapters beyond MAX_LOADED_ADAPTERS."""
+        evictable = self._evictable(keep)
         while len(self.loaded) > MAX_LOADED_ADAPTERS and evictable:
-            oldest = evictable.pop(0)
-            evicted = self.loaded.pop(oldest)
-            with warnings.catch_warnings():  # peft notes that the active one goes: it is next
-                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
-                assert isinstance(self.model, PeftModel)
-                self.model.delete_adapter(oldest)
-            if isinstance(self.decoder, GraphedDecoder):
-                self.decoder.forget(oldest)
+            self._evict(evictable.pop(0))
+
+    def _evict(self, name: str) -> None:
+        """An adapter out of the model, and out of the store's folder unless a request
+        waiting to run has it unpacked."""
+        evicted = self.loaded.pop(name)
+        if self.active == name:
+            self._deactivate()
+        with warnings.catch_warnings():  # peft notes that the active one goes
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+            assert isinstance(self.model, PeftModel)
+            self.model.delete_adapter(name)
+        if hasattr(self, "scheduler"):  # (not yet during setup)
+            self.scheduler.decoder.forget(name)
+        if self.pending[evicted.identity] <= 0:
             self.store.forget(evicted.identity)
 
     def _load_adapter(self, name: str, adapter: AdapterFiles) -> None:
@@ -249,13 +475,6 @@ class ChatModel:
 
     def _deactivate(self) -> None:
         self.active = None
-        self._use_decoder()
-
-    def _use_decoder(self) -> None:
-        if isinstance(self.decoder, GraphedDecoder):
-            self.decoder.use(self.model, self.active or "base")
-        else:
-            self.decoder = EagerDecoder(self.model)
 
     def _adapter_context(self):
         """Adapters stay injected while unmerged: switch them off to serve the plain base."""
@@ -266,6 +485,46 @@ class ChatModel:
     def _check_base(self, adapter: AdapterFiles, source: str) -> None:
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         check_adapter_fits(adapter, self.base, base, f"weights {_short(source)}")
+
+
+class Answer:
+    """The reading end of a stream: token ids in, text pieces out (whole characters, stop
+    sequences never emitted), `stats` filled in; the scheduler's error raised here."""
+
+    def __init__(self, chat: ChatModel, prepared: PreparedRequest, stats: GenerationStats):
+        self.chat, self.prepared, self.stats = chat, prepared, stats
+        self.text = TextStream(chat.tokenizer, prepared.request.stop_sequences)
+        self.started = time.perf_counter()
+        stats.input_tokens = len(prepared.prompt_ids)
+
+    def take(self, item: object) -> tuple[str, bool]:
+        """(text to give out now, whether the answer is over) for one item of the channel."""
+        if isinstance(item, BaseException):
+            raise item
+        if item is END:
+            self._debug()
+            return self.text.flush(), True
+        stats = self.stats
+        stats.output_tokens += 1
+        stats.total_time = time.perf_counter() - self.started
+        if stats.output_tokens == 1:
+            stats.time_to_first_token = stats.total_time
+        piece = self.text.push(item)  # type: ignore[arg-type]
+        if self.text.stopped:
+            self._debug()
+            return piece, True
+        return piece, False
+
+    def _debug(self) -> None:
+        if not self.prepared.request.debug:
+            return
+        stats = self.stats
+        log(
+            f"debug: {stats.input_tokens} prompt tokens, {stats.output_tokens} new tokens, "
+            f"first token after {stats.time_to_first_token:.3f} s, "
+            f"{stats.tokens_per_second:.1f} tokens/s, adapter {self.prepared.adapter or 'none'}, "
+            f"{self.prepared.settings}"
+        )
 
 
 def serving_placement() -> Placement:
@@ -291,13 +550,6 @@ def load_inference_base(model_dir: Path, from_qlora: bool, placement: Placement)
         keep_4bit_weights_trainable(model)  # the training kernels, not a CPU inference repack
     model.config.use_cache = True
     return model.eval()
-
-
-def make_decoder(model: torch.nn.Module, context: int) -> Decoder:
-    """CUDA graphs over static caches on a GPU; the dynamic cache (as `generate`) on a CPU."""
-    if next(model.parameters()).device.type == "cuda":
-        return GraphedDecoder(model, context)
-    return EagerDecoder(model)
 
 
 def adapter_name(identity: str) -> str:

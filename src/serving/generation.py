@@ -1,12 +1,12 @@
-"""Token-by-token generation with the KV cache, and streaming of its text.
+"""Sampling a stream's next token, and streaming its text.
 
-The sampling loop is written out (rather than `model.generate` in a thread) so that a seed
-drives a private torch.Generator, stop sequences end the loop as soon as they appear, and the
-text leaves as it is produced. Sampling itself uses transformers' logits processors.
+Each stream samples on its own (TokenSampler: its settings, its seeded private
+torch.Generator, its repetition history), whatever else runs in the same decode step
+(src/serving/scheduler.py), so that a request's tokens do not depend on its neighbours; stop
+sequences end a stream as soon as they appear, and text leaves as it is produced
+(TextStream). Sampling itself uses transformers' logits processors.
 """
 
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,6 @@ from transformers import (
 )
 
 from src.seeds import derive_seed
-from src.serving.decoding import Decoder
 
 REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 byte sequence decodes to
 
@@ -94,42 +93,53 @@ def sampling_distribution(
     return processors(ids, scores).softmax(dim=-1)
 
 
-@torch.inference_mode()
-def sample_tokens(
-    decoder: Decoder,
-    prompt_ids: list[int],
-    settings: SamplingSettings,
-    eos_token_id: int,
-) -> Iterator[int]:
-    """Yield sampled token ids until EOS (not yielded) or max_new_tokens."""
-    device = decoder.device
-    generator = torch.Generator(device=device)
-    if settings.seed is None:
-        generator.seed()  # fresh entropy; the global RNG is left alone
-    else:
-        generator.manual_seed(derive_seed(settings.seed, "sampling"))
-    processors = logits_processors(settings)
-    ids = torch.tensor([prompt_ids], device=device)  # (1, T): all tokens so far
-    if settings.max_new_tokens < 1:
-        return
-    logits = decoder.prefill(prompt_ids, settings.max_new_tokens)
-    for produced in range(settings.max_new_tokens):
+class TokenSampler:
+    """The sampling state of one answer: its settings, its own seeded generator, the tokens
+    so far (for the repetition penalty). `next_token` takes the next token's logits and
+    returns the token drawn, or None once the answer has ended (EOS, or max_new_tokens
+    reached). The single-stream loop below and the batching scheduler both draw through it,
+    so a seed gives the same tokens whichever serves the request."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        settings: SamplingSettings,
+        eos_token_id: int,
+        device: torch.device,
+    ) -> None:
+        self.settings = settings
+        self.eos_token_id = eos_token_id
+        self.generator = torch.Generator(device=device)
+        if settings.seed is None:
+            self.generator.seed()  # fresh entropy; the global RNG is left alone
+        else:
+            self.generator.manual_seed(derive_seed(settings.seed, "sampling"))
+        self.processors = logits_processors(settings)
+        self.ids = torch.tensor([prompt_ids], device=device)  # (1, T): all tokens so far
+        self.produced = 0
+        self.finished = settings.max_new_tokens < 1
+
+    @torch.inference_mode()
+    def next_token(self, logits: torch.Tensor) -> int | None:
+        """Draw from the next token's logits (1, V); None when the answer ends here."""
+        if self.finished:
+            return None
         probabilities = sampling_distribution(
             logits.float(),
-            ids,
-            processors,
-            suppress_eos=produced < settings.min_new_tokens,
-            eos_token_id=eos_token_id,
+            self.ids,
+            self.processors,
+            suppress_eos=self.produced < self.settings.min_new_tokens,
+            eos_token_id=self.eos_token_id,
         )
-        token = torch.multinomial(probabilities, 1, generator=generator)  # (1, 1)
+        token = torch.multinomial(probabilities, 1, generator=self.generator)  # (1, 1)
         token_id = int(token.item())  # the one wait for the device per token: to stream it
-        if token_id == eos_token_id:
-            return
-        yield token_id
-        if produced + 1 == settings.max_new_tokens:
-            return
-        ids = torch.cat([ids, token], dim=1)
-        logits = decoder.step(token)
+        self.produced += 1
+        if token_id == self.eos_token_id:
+            self.finished = True
+            return None
+        self.ids = torch.cat([self.ids, token], dim=1)
+        self.finished = self.produced >= self.settings.max_new_tokens
+        return token_id
 
 
 class TextStream:
@@ -223,30 +233,3 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         decode_time = self.total_time - self.time_to_first_token
         return (self.output_tokens - 1) / decode_time if self.output_tokens > 1 else 0.0
-
-
-def stream_text(
-    decoder: Decoder,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_ids: list[int],
-    settings: SamplingSettings,
-    stop_sequences: list[str],
-    stats: GenerationStats | None = None,
-) -> Iterator[str]:
-    """Generate and yield text pieces as soon as they are final."""
-    stats = stats or GenerationStats()
-    stats.input_tokens = len(prompt_ids)
-    started = time.perf_counter()
-    stream = TextStream(tokenizer, stop_sequences)
-    for token_id in sample_tokens(decoder, prompt_ids, settings, tokenizer.eos_token_id):
-        stats.output_tokens += 1
-        stats.total_time = time.perf_counter() - started
-        if stats.output_tokens == 1:
-            stats.time_to_first_token = stats.total_time
-        piece = stream.push(token_id)
-        if piece:
-            yield piece
-        if stream.stopped:
-            return
-    if rest := stream.flush():
-        yield rest

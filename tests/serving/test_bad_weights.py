@@ -12,7 +12,7 @@ import torch
 from src.errors import UserInputError
 from src.prompt_format import encode_chat_prompt
 from src.serving.chat import ChatModel
-from tests.helpers import FACTS, with_member, with_tensors
+from tests.helpers import FACTS, plain_logits, served_logits, with_member, with_tensors
 
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B_KEY = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
@@ -61,11 +61,9 @@ def _config(**changes):
 
 
 def logits(model: ChatModel, weights: str | None = None) -> torch.Tensor:
-    """The first new token's logits for a fixed prompt, as the model serves them."""
-    model.use_weights(weights)
-    ids = encode_chat_prompt(model.tokenizer, FACTS[0][0])
-    with model._adapter_context(), torch.inference_mode():
-        return model.decoder.prefill(ids, 1)
+    """The first new token's logits for a fixed prompt, as the model serves them to a
+    request with `weights` as its replicate_weights (None: the model's own)."""
+    return served_logits(model, FACTS[0][0], weights)
 
 
 def layer_types(model: ChatModel) -> list[str]:
@@ -91,7 +89,7 @@ def test_a_refused_adapter_leaves_every_logit_as_it_was(
     change, message = BAD_TENSORS[bad]
     archive = with_tensors(facts_archive, tmp_path / f"{bad}.tar", change)
     with pytest.raises(UserInputError) as error:
-        model.use_weights(str(archive))
+        logits(model, str(archive))
     assert message in str(error.value)
     assert f"weights {archive}" in str(error.value)  # names the weights it refused
     assert logits(model).equal(before) and layer_types(model) == types
@@ -115,7 +113,7 @@ def test_a_load_that_fails_half_way_is_undone(
 
     monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", load_then_fail)
     with pytest.raises(UserInputError, match="not a valid adapter for this base model"):
-        model.use_weights(str(other_facts_archive))
+        logits(model, str(other_facts_archive))
     monkeypatch.undo()
     assert logits(model).equal(before) and layer_types(model) == types
     assert dict(model.loaded) == loaded
@@ -182,7 +180,7 @@ def test_broken_archives_are_refused_by_what_is_wrong(
     before = logits(model)
     archive = with_member(facts_archive, tmp_path / "broken.tar", member, change)
     with pytest.raises(UserInputError) as error:
-        model.use_weights(str(archive))
+        logits(model, str(archive))
     assert message in str(error.value) + "\n"
     assert len(str(error.value)) < 1000  # nothing of the file quoted at length
     assert logits(model).equal(before)
@@ -203,7 +201,7 @@ def test_special_files_are_never_read_as_weights(served, tmp_path):
         with pytest.raises(
             UserInputError, match=re.escape(f"replicate_weights ({path}) {message}")
         ):
-            model.use_weights(path)
+            logits(model, path)
 
 
 @pytest.mark.parametrize(
@@ -237,17 +235,14 @@ def test_adapters_of_part_of_the_layers_are_served_as_peft_loads_them(
     )
     model = served["plain base"]
     before = logits(model)
-    served_logits = logits(model, str(partial))
+    adapter_logits = logits(model, str(partial))
     base = load_base_model(
         tiny_model_dir, False, Placement(torch.device("cpu"), torch.float32), attention="sdpa"
     )
     folder = read_archive(partial, tmp_path / "unpacked").folder
     reference = PeftModel.from_pretrained(base, folder).eval()
     ids = encode_chat_prompt(model.tokenizer, FACTS[0][0])
-    from src.serving.decoding import EagerDecoder
-
-    with torch.inference_mode():
-        expected = EagerDecoder(reference).prefill(ids, 1)
-    torch.testing.assert_close(served_logits, expected, rtol=0, atol=1e-5)
-    assert not served_logits.equal(before)
+    expected = plain_logits(reference, ids)
+    torch.testing.assert_close(adapter_logits, expected, rtol=0, atol=1e-5)
+    assert not adapter_logits.equal(before)
     assert logits(model).equal(before)

@@ -15,35 +15,20 @@ import src.artifact
 import src.serving.chat
 from src.adapters import WeightsStore
 from src.errors import UserInputError
-from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
+from src.prompt_format import encode_chat_prompt
 from src.serving.chat import ChatModel, build_chat_request
 from tests.helpers import (
     FACTS,
     FAST_LEARNING,
+    GREEDY_INPUTS,
     OTHER_FACTS,
     call_train,
     serve_directory,
+    served_logits,
     write_jsonl,
 )
 
 PROMPT, ANSWER = FACTS[0]
-
-
-# Near-greedy settings: the trained answers come back word for word.
-GREEDY_INPUTS = dict(
-    system_prompt="",
-    prompt_template=DEFAULT_PROMPT_TEMPLATE,
-    max_new_tokens=32,
-    min_new_tokens=-1,
-    temperature=0.01,
-    top_p=1.0,
-    top_k=-1,
-    repetition_penalty=1.0,
-    stop_sequences=None,
-    seed=0,
-    replicate_weights=None,
-    debug=False,
-)
 
 
 def ask(model: ChatModel, prompt: str = PROMPT, **overrides) -> str:
@@ -314,15 +299,7 @@ def test_an_adapter_is_prompted_as_it_was_trained_by_default(base_model_env, tmp
 
 def first_logits(model: ChatModel, system_prompt: str | None) -> torch.Tensor:
     """The first new token's logits of a request with `system_prompt`, as served."""
-    request = build_chat_request(
-        **{**GREEDY_INPUTS, "prompt": PROMPT, "system_prompt": system_prompt}
-    )
-    model.use_weights(request.replicate_weights)
-    ids = src.serving.chat.encode_inference_prompt(
-        model.tokenizer, PROMPT, model._system_prompt(request), DEFAULT_PROMPT_TEMPLATE
-    )
-    with model._adapter_context(), torch.inference_mode():
-        return model.decoder.prefill(ids, 1)
+    return served_logits(model, PROMPT, system_prompt=system_prompt)
 
 
 def test_without_a_record_or_chat_rows_the_base_default_is_used(

@@ -22,8 +22,7 @@ from src.errors import UserInputError
 from src.modeling import Placement, load_base_model
 from src.prompt_format import encode_chat_prompt
 from src.serving.chat import ChatModel
-from src.serving.decoding import EagerDecoder
-from tests.helpers import FACTS, serve_directory
+from tests.helpers import FACTS, plain_logits, serve_directory, served_logits
 from tools.tiny_model import build_tiny_llama
 
 CPU_FP32 = Placement(torch.device("cpu"), torch.float32)
@@ -68,9 +67,8 @@ def replicate_zip(tiny_model_dir, tmp_path_factory):
 
 
 def first_logits(model, tokenizer) -> torch.Tensor:
-    ids = encode_chat_prompt(tokenizer, FACTS[0][0])
-    with torch.no_grad():
-        return EagerDecoder(model).prefill(ids, 1)
+    """A reference model's first logits for the prompt the served ones answer."""
+    return plain_logits(model, encode_chat_prompt(tokenizer, FACTS[0][0]))
 
 
 def test_a_replicate_training_serves_as_it_trained(
@@ -83,9 +81,7 @@ def test_a_replicate_training_serves_as_it_trained(
     assert "not read from the archive: README.md, logs/train.log" in logs
     base = load_base_model(base_model_env, False, CPU_FP32, attention="sdpa")
     trained = PeftModel.from_pretrained(base, folder).eval()  # peft reading its own .bin
-    torch.testing.assert_close(
-        first_logits(served.model, tokenizer), first_logits(trained, tokenizer)
-    )
+    torch.testing.assert_close(served_logits(served, FACTS[0][0]), first_logits(trained, tokenizer))
     unpacked = served.store.unpack(str(archive)).folder
     assert sorted(p.name for p in unpacked.iterdir()) == [
         "adapter_config.json",
@@ -98,10 +94,10 @@ def test_a_replicate_training_as_replicate_weights(
 ):
     archive, _ = replicate_zip
     model = ChatModel(str(facts_archive))
-    trained = first_logits(ChatModel(str(archive)).model, tokenizer)
+    trained = served_logits(ChatModel(str(archive)), FACTS[0][0])
     with serve_directory(archive.parent) as (url, _):
-        model.use_weights(f"{url}/{archive.name}")
-    torch.testing.assert_close(first_logits(model.model, tokenizer), trained)
+        from_url = served_logits(model, FACTS[0][0], f"{url}/{archive.name}")
+    torch.testing.assert_close(from_url, trained)
 
 
 def test_an_adapter_for_another_shape_is_refused_before_it_loads(base_model_env, tmp_path, capsys):

@@ -1,0 +1,206 @@
+"""Many requests at once through the chat model's scheduler (threads here; Cog's coroutines in
+tests/test_predict_server.py): each answer is what the request gets alone, with its own
+adapter, seed and settings; over the KV budget a request waits, not refused; with every
+adapter slot in use by others a newcomer waits, never evicting one in use; a reader gone
+frees its row; a request that fails fails alone; an adapter loads while the other streams
+decode."""
+
+import shutil
+import threading
+import time
+
+import pytest
+
+import src.serving.chat
+from src.serving.chat import ChatModel, build_chat_request
+from tests.helpers import FACTS, GREEDY_INPUTS, OTHER_FACTS, wait_for
+
+LONG = dict(max_new_tokens=60, min_new_tokens=60)  # long enough for the streams to overlap
+
+
+def request(prompt: str, **overrides):
+    return build_chat_request(**{**GREEDY_INPUTS, "prompt": prompt, **overrides})
+
+
+def at_once(chat: ChatModel, requests: list) -> list:
+    """Answers of `requests` asked from threads at the same time (an exception: its answer)."""
+    answers: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def ask(index: int) -> None:
+        start.wait()
+        try:
+            answers[index] = "".join(chat.chat(requests[index]))
+        except Exception as error:
+            answers[index] = error
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return answers
+
+
+def one_by_one(chat: ChatModel, requests: list) -> list[str]:
+    return ["".join(chat.chat(r)) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def slots_env():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COG_MAX_CONCURRENCY", "4")
+        yield
+
+
+@pytest.fixture(scope="module")
+def base_model_env_module(tiny_model_dir):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BASE_MODEL", str(tiny_model_dir))
+        yield tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def chat(base_model_env_module, slots_env, facts_archive) -> ChatModel:
+    return ChatModel(str(facts_archive))
+
+
+def test_concurrent_requests_get_what_each_gets_alone(chat, other_facts_archive):
+    """The setup adapter, a replicate_weights adapter and the plain base in one batch;
+    greedy, seeded sampling and repetition penalty; each as it is answered alone."""
+    other = str(other_facts_archive)
+    requests = [
+        request(FACTS[0][0], **LONG),
+        request(FACTS[1][0], replicate_weights=other, **LONG),
+        request(FACTS[2][0], temperature=0.8, top_p=0.9, seed=7, **LONG),
+        request(OTHER_FACTS[0][0], temperature=1.0, top_k=20, repetition_penalty=1.3, seed=3,
+                replicate_weights=other, max_new_tokens=40),
+    ]  # fmt: skip
+    alone = one_by_one(chat, requests)
+    chat.scheduler.most_rows = 0
+    assert at_once(chat, requests) == alone
+    assert chat.scheduler.most_rows >= 2  # they did decode together
+    trained = at_once(chat, [request(p) for p, _ in FACTS[:3]])
+    assert trained == [answer for _, answer in FACTS[:3]]  # and the trained answers come back
+    assert not chat.in_use and not chat.scheduler.active
+
+
+def test_over_the_kv_budget_requests_wait_their_turn(base_model_env, facts_archive, monkeypatch):
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "4")
+    probe = ChatModel(str(facts_archive))
+    one_row = 256 * probe.plan.bytes_per_token  # a short chat's bucket
+    monkeypatch.setenv("PREDICT_KV_CACHE_GIB", str(1.5 * one_row / 2**30))
+    chat = ChatModel(str(facts_archive))
+    assert chat.plan.rows_at(256) == 1
+    requests = [request(p, **LONG) for p, _ in FACTS[:3]]
+    assert at_once(chat, requests) == one_by_one(chat, requests)
+    assert chat.scheduler.most_rows == 1
+
+
+def test_a_newcomer_waits_for_an_adapter_slot_in_use(
+    chat, other_facts_archive, tmp_path, monkeypatch
+):
+    """The cache holds the setup adapter and one more; two requests with two other adapters
+    at once: the second waits for the first to finish (its adapter is never evicted while
+    it decodes), then both answer as alone."""
+    monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 2)
+    for name in list(chat.loaded):
+        if name != chat.setup_name:
+            chat._evict(name)
+    second = tmp_path / "second.tar"
+    shutil.copy(other_facts_archive, second)
+    requests = [
+        request(FACTS[0][0], replicate_weights=str(other_facts_archive), **LONG),
+        request(FACTS[1][0], replicate_weights=str(second), **LONG),
+    ]
+    evicted = []
+    real_evict = chat._evict
+
+    def evict(name):
+        assert chat.in_use[name] <= 0, "evicted an adapter in use"
+        evicted.append(name)
+        real_evict(name)
+
+    monkeypatch.setattr(chat, "_evict", evict)
+    chat.scheduler.most_rows = 0
+    answers = at_once(chat, requests)
+    assert chat.scheduler.most_rows == 1  # one after the other
+    assert evicted  # the second's turn came by evicting the first's, once it was done
+    monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 4)
+    assert answers == one_by_one(chat, requests)
+
+
+def test_a_reader_gone_frees_its_row(chat):
+    stream = chat.chat(request(FACTS[0][0], max_new_tokens=500, min_new_tokens=500))
+    assert next(stream)
+    stream.close()  # a client gone
+    deadline = time.monotonic() + 30
+    while (chat.scheduler.active or chat.in_use) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not chat.scheduler.active and not chat.in_use
+    assert one_by_one(chat, [request(FACTS[0][0])]) == [FACTS[0][1]]
+
+
+def test_a_failing_request_fails_alone(chat, other_facts_archive, tmp_path, monkeypatch):
+    """An adapter that fails to load on the scheduler thread: that request gets the error;
+    the request decoding beside it answers in full; the server serves the next."""
+    broken = tmp_path / "broken.tar"
+    shutil.copy(other_facts_archive, broken)
+    for name in list(chat.loaded):
+        if name != chat.setup_name:
+            chat._evict(name)
+    real_attach = chat._attach
+    broken_name = src.serving.chat.adapter_name(chat.store.identity(str(broken)))
+
+    def attach(name, files):
+        if name == broken_name:
+            raise RuntimeError("the disk went away")
+        real_attach(name, files)
+
+    monkeypatch.setattr(chat, "_attach", attach)
+    requests = [
+        request(FACTS[0][0], **LONG),
+        request(FACTS[1][0], replicate_weights=str(broken)),
+    ]
+    answers = at_once(chat, requests)
+    assert isinstance(answers[1], Exception) and "the disk went away" in str(answers[1])
+    assert answers[0] == one_by_one(chat, requests[:1])[0]
+    assert not chat.in_use and not chat.pending
+    assert one_by_one(chat, [request(FACTS[2][0])]) == [FACTS[2][1]]
+
+
+def test_an_adapter_loads_while_the_other_streams_decode(chat, other_facts_archive, monkeypatch):
+    """A request whose adapter is not loaded: the load runs off the scheduler thread, and the
+    stream decoding meanwhile keeps getting tokens (here: while the load is held up); then
+    the newcomer answers as alone."""
+    for name in list(chat.loaded):
+        if name != chat.setup_name:
+            chat._evict(name)
+    loading, go_on = threading.Event(), threading.Event()
+    real_attach = chat._attach
+
+    def slow_attach(name, files):
+        loading.set()
+        assert go_on.wait(timeout=60)
+        real_attach(name, files)
+
+    monkeypatch.setattr(chat, "_attach", slow_attach)
+    tokens: list[str] = []
+    first = request(FACTS[0][0], max_new_tokens=400, min_new_tokens=400)
+    reader = threading.Thread(target=lambda: tokens.extend(chat.chat(first)))
+    reader.start()
+    wait_for(lambda: len(tokens) > 0, timeout=60)
+    newcomer = request(FACTS[1][0], replicate_weights=str(other_facts_archive))
+    answer: list[str] = []
+    asker = threading.Thread(target=lambda: answer.extend(chat.chat(newcomer)))
+    asker.start()
+    assert loading.wait(timeout=60)
+    during = len(tokens)
+    wait_for(lambda: len(tokens) >= during + 20, timeout=60)  # decoding while it loads
+    assert chat.loading is not None and not answer
+    go_on.set()
+    asker.join(timeout=120)
+    reader.join(timeout=300)
+    assert "".join(answer) == one_by_one(chat, [newcomer])[0]
+    assert len(tokens) > during + 20 and chat.loading is None
+    assert not chat.in_use and not chat.pending
