@@ -53,31 +53,38 @@ def logits_processors(settings: SamplingSettings) -> LogitsProcessorList:
 class CandidateTopPWarper(TopPLogitsWarper):
     """transformers' top-p, without sorting the whole vocabulary when it need not.
 
-    Top-p keeps a token when the probability of the tokens likelier than it is below p. If
-    the `candidates` likeliest tokens already hold p, every token beyond them is dropped, so
-    they are all that needs sorting (a CPU sorts 32,000 logits in about 2 ms, a sixth of a
-    decode step; it takes the 256 likeliest in 0.05 ms). Otherwise, transformers' full sort.
+    Top-p keeps a token when the probability of the tokens likelier than it is below p, that
+    is (transformers' form) drops the least likely tokens while their total is at most
+    1 - p. If the `candidates` likeliest tokens already hold p, every token beyond them is
+    dropped, so they are all that needs sorting (a CPU sorts 32,000 logits in about 2 ms, a
+    sixth of a decode step; it takes the 256 likeliest in 0.1 ms), else the `tail` (4,096)
+    likeliest (0.4 ms). If instead the `tail` least likely tokens hold more than 1 - p (a
+    flat distribution), all that is dropped is among them. Otherwise, transformers' sort.
     """
 
-    def __init__(self, top_p: float, candidates: int = 256) -> None:
+    def __init__(self, top_p: float, candidates: int = 256, tail: int = 4096) -> None:
         super().__init__(top_p)
-        self.candidates = candidates
+        self.candidates, self.tail = candidates, tail
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.shape[0] != 1 or scores.shape[-1] <= self.candidates:
+        if scores.shape[0] != 1 or scores.shape[-1] <= self.tail:
             return super().__call__(input_ids, scores)
-        likeliest, indices = scores.topk(self.candidates, dim=-1)  # (1, k), descending
-        probabilities = (
-            likeliest.softmax(-1)
-            * (likeliest.logsumexp(-1, keepdim=True) - scores.logsumexp(-1, keepdim=True)).exp()
-        )  # each candidate's share of the whole distribution
-        mass_before = probabilities.cumsum(-1) - probabilities
-        if mass_before[0, -1] + probabilities[0, -1] < self.top_p:  # p not reached: sort all
-            return super().__call__(input_ids, scores)
-        keep = mass_before < self.top_p
-        keep[..., 0] = True  # the likeliest token always stays, as in transformers
-        kept = torch.full_like(scores, self.filter_value)
-        return kept.scatter(-1, indices, torch.where(keep, likeliest, self.filter_value))
+        total = scores.logsumexp(-1, keepdim=True)
+        for candidates in (self.candidates, self.tail):
+            likeliest, indices = scores.topk(candidates, dim=-1)  # (1, k), descending
+            probabilities = (likeliest - total).exp()  # each candidate's share of the whole
+            mass_before = probabilities.cumsum(-1) - probabilities
+            if mass_before[0, -1] + probabilities[0, -1] >= self.top_p:
+                keep = mass_before < self.top_p
+                keep[..., 0] = True  # the likeliest token always stays, as in transformers
+                kept = torch.full_like(scores, self.filter_value)
+                return kept.scatter(-1, indices, torch.where(keep, likeliest, self.filter_value))
+        least, indices = scores.topk(self.tail, dim=-1, largest=False)  # (1, m), ascending
+        mass_from_below = (least - total).exp().cumsum(-1)
+        if mass_from_below[0, -1] > 1 - self.top_p:  # what is dropped lies among them
+            drop = mass_from_below <= 1 - self.top_p
+            return scores.scatter(-1, indices, least.masked_fill(drop, self.filter_value))
+        return super().__call__(input_ids, scores)
 
 
 def sampling_distribution(
@@ -91,6 +98,18 @@ def sampling_distribution(
     if suppress_eos:  # min_new_tokens not reached yet
         scores[:, eos_token_id] = -float("inf")
     return processors(ids, scores).softmax(dim=-1)
+
+
+def draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token (1, 1) from `probabilities` (1, V), by the inverse of their cumulative sum
+    at one uniform number of `generator`: one random number a token, where
+    torch.multinomial draws one a vocabulary entry (0.65 ms on a CPU for 32,000, against
+    0.03 here). A token of probability 0 is never drawn (its cumulative sum equals its
+    predecessor's)."""
+    cumulative = probabilities.cumsum(dim=-1)
+    uniform = torch.rand((1, 1), generator=generator, device=probabilities.device)
+    token = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return token.clamp_(max=probabilities.shape[-1] - 1)
 
 
 class TokenSampler:
@@ -131,7 +150,7 @@ class TokenSampler:
             suppress_eos=self.produced < self.settings.min_new_tokens,
             eos_token_id=self.eos_token_id,
         )
-        token = torch.multinomial(probabilities, 1, generator=self.generator)  # (1, 1)
+        token = draw(probabilities, self.generator)  # (1, 1)
         token_id = int(token.item())  # the one wait for the device per token: to stream it
         self.produced += 1
         if token_id == self.eos_token_id:

@@ -197,3 +197,40 @@ def test_a_peaked_distribution_never_sorts_the_whole_vocabulary(monkeypatch):
     warper = CandidateTopPWarper(0.95)
     monkeypatch.setattr(TopPLogitsWarper, "__call__", no_full_sort)
     assert torch.isfinite(warper(torch.tensor([[1]]), scores)).sum() < 256
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 8.0])  # flat: the tail; wider: 4,096; peaked: 256
+def test_top_p_of_flat_to_peaked_distributions_sorts_no_whole_vocabulary(spread, monkeypatch):
+    """Each shortcut computes transformers' top-p exactly, and none sorts all 32,000."""
+    from transformers import TopPLogitsWarper
+
+    from src.serving.generation import CandidateTopPWarper
+
+    torch.manual_seed(7)
+    scores = torch.randn(1, 32000) * spread
+    theirs = TopPLogitsWarper(0.95)(torch.tensor([[1]]), scores.clone())
+
+    def no_full_sort(*args, **kwargs):
+        raise AssertionError("sorted all 32,000 logits")
+
+    monkeypatch.setattr(TopPLogitsWarper, "__call__", no_full_sort)
+    ours = CandidateTopPWarper(0.95)(torch.tensor([[1]]), scores.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.equal(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+    assert 0 < int(torch.isinf(ours).sum()) < 32000 - 1  # something dropped, something kept
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    from src.serving.generation import draw
+
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    counts = torch.zeros(6)
+    for _ in range(4000):
+        counts[int(draw(probabilities, generator))] += 1
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts / 4000, probabilities[0], atol=0.03, rtol=0)
+    again = torch.Generator().manual_seed(0)
+    first = [int(draw(probabilities, again)) for _ in range(20)]
+    assert first == [int(draw(probabilities, g)) for g in [torch.Generator().manual_seed(0)]
+                     for _ in range(20)]  # fmt: skip
