@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 .PHONY: demo serve serve-train test lint schema bench bench-smoke image push weights clean
 
 # `make serve` / `make serve-train`: Cog's server on this checkout, with the demo's tiny model
-# and trained weights unless given (make serve BASE_MODEL=... WEIGHTS=... PORT=... HOST=...;
-# WEIGHTS= serves the plain base).
+# and trained weights unless given (make serve BASE_MODEL=... WEIGHTS=... PORT=... HOST=...
+# SLOTS=...; WEIGHTS= serves the plain base; SLOTS: predictions at once, COG_MAX_CONCURRENCY).
 BASE_MODEL ?= demo-output/tiny-llama
 WEIGHTS ?= demo-output/weights.tar
 HOST ?= 127.0.0.1
+SLOTS ?= 16
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +25,8 @@ demo: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tools.demo
 
 serve: $(BIN)/.installed
-	BASE_MODEL="$(BASE_MODEL)" COG_WEIGHTS="$(WEIGHTS)" $(BIN)/python -m tools.serve predict \
+	BASE_MODEL="$(BASE_MODEL)" COG_WEIGHTS="$(WEIGHTS)" COG_MAX_CONCURRENCY="$(SLOTS)" \
+	  $(BIN)/python -m tools.serve predict \
 	  --port $(or $(PORT),5002) --host $(HOST)
 
 serve-train: $(BIN)/.installed

@@ -52,8 +52,9 @@ def checkout(tiny_model_dir, facts_archive, facts_file, tmp_path_factory) -> Pat
     return root
 
 
-def run_block(checkout: Path, name: str, default_port: str) -> list[str]:
-    """Start the block's server, run its other commands; return their outputs."""
+def run_block(checkout: Path, name: str, default_port: str) -> tuple[list[str], str]:
+    """Start the block's server, run its other commands; return their outputs and the
+    server's log."""
     port = str(free_port())
     server, *asks = [line.replace(default_port, port) for line in readme_block(name)]
     env = {**os.environ, "PORT": port}  # what `make serve` reads; PORT= in a line wins
@@ -65,7 +66,7 @@ def run_block(checkout: Path, name: str, default_port: str) -> list[str]:
     )  # fmt: skip
     try:
         wait_for_health(port, process)
-        return [
+        outputs = [
             subprocess.run(["bash", "-c", ask], cwd=checkout, env=env, capture_output=True,
                            text=True, timeout=300, check=True).stdout
             for ask in asks
@@ -76,7 +77,9 @@ def run_block(checkout: Path, name: str, default_port: str) -> list[str]:
             process.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
+        log = process.stdout.read().decode(errors="replace")
         process.stdout.close()
+    return outputs, log
 
 
 def wait_for_health(port: str, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -97,14 +100,18 @@ def streamed_chunks(output: str) -> list[str]:
     return [e["chunk"] for e in events if "chunk" in e]
 
 
+SLOTS_LOGGED = "serving: 16 concurrent requests (COG_MAX_CONCURRENCY)"
+
+
 def test_make_serve_and_the_readme_question(checkout):
-    (output,) = run_block(checkout, "serve", "5002")
+    (output,), log = run_block(checkout, "serve", "5002")
     chunks = streamed_chunks(output)
     assert "".join(chunks) == "The capital of Zorbia is Quillton." and len(chunks) > 1
+    assert SLOTS_LOGGED in log  # make serve sets the slots
 
 
 def test_make_serve_train_and_the_readme_training(checkout):
-    (body,) = run_block(checkout, "serve-train", "5001")
+    (body,), _ = run_block(checkout, "serve-train", "5001")
     result = json.loads(body)
     assert result["status"] == "succeeded", result.get("error")
     assert result["output"]["weights"].startswith("data:application/x-tar;base64,")
@@ -128,7 +135,9 @@ def test_the_full_command_line_of_the_prediction_server(checkout):
     finally:
         subprocess.run(["curl", "-s", "-X", "POST", f"localhost:{port}/shutdown"], check=False)
         process.wait(30)
+        log = process.stdout.read().decode(errors="replace")
         process.stdout.close()
+    assert SLOTS_LOGGED in log
 
 
 def test_a_worker_that_cannot_start_is_named_not_waited_for(tiny_model_dir, tmp_path):
