@@ -20,7 +20,9 @@ per pass, fewer non-matmul bytes less memory-bound time (costed at the card's ba
 """
 
 import argparse
+import contextlib
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from unittest import mock
@@ -297,7 +299,8 @@ def main() -> None:
     parser.add_argument("--peft", action="store_true", help="peft's own LoRA forward")
     parser.add_argument("--eager", action="store_true", help="transformers' eager layers")
     args = parser.parse_args()
-    census = measure(args.size, args.tokens, fused=not args.peft, compiled=not args.eager)
+    with contextlib.redirect_stdout(sys.stderr):  # the training's log lines: stdout is JSON
+        census = measure(args.size, args.tokens, fused=not args.peft, compiled=not args.eager)
     print(json.dumps(census, indent=2))
 
 

@@ -540,6 +540,7 @@ def section_serving(method: str = "lora") -> dict:
     model_dir, archives = write_model_and_adapters(folder, method)
     results["write_model_seconds"] = time.perf_counter() - started
     os.environ["BASE_MODEL"] = str(model_dir)
+    os.environ["COG_MAX_CONCURRENCY"] = "32"  # the batched measurement's most streams
     from src.serving.chat import ChatModel
 
     started = time.perf_counter()
@@ -552,6 +553,9 @@ def section_serving(method: str = "lora") -> dict:
         print(json.dumps(results), flush=True)
     results |= _decode(chat, archives)
     print(json.dumps(results), flush=True)
+    if method == "lora":
+        results |= _batched(chat, archives)
+        print(json.dumps(results), flush=True)
     return {f"serving_{method}": results}
 
 
@@ -598,7 +602,6 @@ def _fidelity(chat, model_dir: Path, archives: list[Path]) -> dict:
 
     from src.modeling import Placement, load_base_model
     from src.prompt_format import encode_chat_prompt
-    from src.serving.decoding import EagerDecoder
 
     prompts = [
         "Tell me about the llamas of the high Andes.", "What is the capital of Zorbia?",
@@ -606,13 +609,18 @@ def _fidelity(chat, model_dir: Path, archives: list[Path]) -> dict:
     ]  # fmt: skip
     ids = [encode_chat_prompt(chat.tokenizer, p) for p in prompts]
 
-    def logits(model) -> torch.Tensor:
-        decoder = EagerDecoder(model)
-        with torch.no_grad():
-            return torch.cat([decoder.prefill(i, 1).float() for i in ids])
+    def logits(model) -> torch.Tensor:  # a reference model run plainly
+        with torch.inference_mode():
+            rows = [model(input_ids=torch.tensor([i], device=DEVICE), logits_to_keep=1).logits
+                    for i in ids]  # fmt: skip
+        return torch.cat([r[:, -1] for r in rows]).float()
+
+    def served_logits(weights: str | None = None) -> torch.Tensor:  # as predict.py serves
+        return torch.cat([chat.first_token_logits(_request(p, 1, weights, system="", greedy=True))
+                          for p in prompts]).float()  # fmt: skip
 
     folder = chat.store.unpack(str(archives[0])).folder
-    served = logits(chat.model)
+    served = served_logits()
     trained_bf16 = PeftModel.from_pretrained(
         load_base_model(model_dir, False, Placement(DEVICE, torch.bfloat16), "sdpa"), folder
     ).eval()
@@ -630,8 +638,9 @@ def _fidelity(chat, model_dir: Path, archives: list[Path]) -> dict:
     # The chosen method: 100 swaps, the base compared bit for bit with a fresh load.
     first = served
     started = time.perf_counter()
-    for swap in range(100):
-        chat.use_weights(str(archives[1] if swap % 2 == 0 else archives[0]))
+    for swap in range(100):  # requests alternating replicate_weights
+        other = archives[1] if swap % 2 == 0 else archives[0]
+        chat.first_token_logits(_request(prompts[0], 1, str(other)))
     synchronize()
     results["swap_seconds"] = (time.perf_counter() - started) / 100
     pristine = trained_bf16.get_base_model().state_dict()
@@ -639,7 +648,7 @@ def _fidelity(chat, model_dir: Path, archives: list[Path]) -> dict:
     results["base_bit_identical_after_100_swaps"] = all(
         torch.equal(tensor, now[name]) for name, tensor in pristine.items() if name in now
     )
-    results["logits_equal_after_100_swaps"] = bool(torch.equal(logits(chat.model), first))
+    results["logits_equal_after_100_swaps"] = bool(torch.equal(served_logits(), first))
     # The option not taken: peft's merge in bf16, then 100 unmerge/merge swaps.
     trained_bf16.merge_adapter()
     results["merged_bf16_vs_fp32"] = float((logits(trained_bf16) - reference).abs().max())
@@ -669,24 +678,39 @@ PROMPT = "Tell me about the llamas of the high Andes and how they are cared for.
 SYSTEM = "You are a helpful assistant."
 
 
+def _request(
+    prompt: str,
+    new_tokens: int,
+    weights: str | None = None,
+    system: str | None = SYSTEM,
+    greedy: bool = False,
+    seed: int = 0,
+):
+    """predict.py's inputs: its default sampling settings (near-greedy if `greedy`), exactly
+    `new_tokens` new tokens."""
+    from src.prompt_format import DEFAULT_PROMPT_TEMPLATE
+    from src.serving.chat import build_chat_request
+
+    return build_chat_request(
+        prompt=prompt, system_prompt=system, prompt_template=DEFAULT_PROMPT_TEMPLATE,
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        temperature=0.01 if greedy else 0.7, top_p=1.0 if greedy else 0.95, top_k=-1,
+        repetition_penalty=1.0 if greedy else 1.15, stop_sequences=None, seed=seed,
+        replicate_weights=weights, debug=False,
+    )  # fmt: skip
+
+
 def _decode(chat, archives: list[Path], new_tokens: int = 128) -> dict:
     """predict.py's path (CUDA graphs) against `generate` on the same model, same settings."""
-    from src.prompt_format import DEFAULT_PROMPT_TEMPLATE, encode_chat_prompt
-    from src.serving.chat import build_chat_request
+    from src.prompt_format import encode_chat_prompt
     from src.serving.generation import GenerationStats
 
     new_tokens //= SCALE
 
     def run(weights: str | None = None):
         stats = GenerationStats()
-        request = build_chat_request(
-            prompt=PROMPT, system_prompt=SYSTEM, prompt_template=DEFAULT_PROMPT_TEMPLATE,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.7, top_p=0.95,
-            top_k=-1, repetition_penalty=1.15, stop_sequences=None, seed=0,
-            replicate_weights=weights, debug=False,
-        )  # fmt: skip
         started = time.perf_counter()
-        for _ in chat.chat(request, stats):
+        for _ in chat.chat(_request(PROMPT, new_tokens, weights), stats):
             pass
         return stats, time.perf_counter() - started
 
@@ -698,7 +722,7 @@ def _decode(chat, archives: list[Path], new_tokens: int = 128) -> dict:
     out["swap_first_request_seconds"] = run(str(archives[1]))[1]
     out["predictor_other_adapter_tokens_per_second"] = run(str(archives[1]))[0].tokens_per_second
     out["predictor_base_tokens_per_second"] = _base_decode(chat, run)
-    out["graphs_captured"] = len(getattr(chat.decoder, "graphs", {}))
+    out["graphs_captured"] = chat.scheduler.decoder.captures
     ids = torch.tensor([encode_chat_prompt(chat.tokenizer, PROMPT, SYSTEM)], device=DEVICE)
 
     def generate(tokens: int) -> float:
@@ -723,30 +747,81 @@ def _decode(chat, archives: list[Path], new_tokens: int = 128) -> dict:
 
 
 def _base_decode(chat, run) -> float:
-    chat.setup_name = None  # requests without replicate_weights now get the plain base
-    run()
-    return run()[0].tokens_per_second
+    setup, chat.setup_name = chat.setup_name, None  # requests without weights: the plain base
+    try:
+        run()
+        return run()[0].tokens_per_second
+    finally:
+        chat.setup_name = setup
 
 
 def _profile_step(chat) -> dict:
-    """One eager decode step under the profiler: kernels launched and their device time."""
+    """One eager decode step of one row under the profiler: kernels and their device time."""
     from torch.profiler import ProfilerActivity, profile
 
     from src.prompt_format import encode_chat_prompt
-    from src.serving.decoding import GraphedDecoder
+    from src.serving.batch_step import KVPool, StepRows, decode_step, prefill
 
-    decoder = GraphedDecoder(chat.model, chat.context_window, graphs=False)
-    with torch.no_grad():
-        token = decoder.prefill(encode_chat_prompt(chat.tokenizer, PROMPT), 8).argmax(-1, True)
-        decoder.step(token)
+    ids = encode_chat_prompt(chat.tokenizer, PROMPT)
+    dtype = chat.model.get_input_embeddings().weight.dtype
+    pool = KVPool.empty(chat.model.config, 1, 256, dtype, DEVICE)
+    with chat.activate_for_prefill(chat.setup_name):
+        logits, cache = prefill(chat.model, ids)
+    pool.write_prompt(0, cache)
+    rows = StepRows.build([int(logits.argmax())], [len(ids)], [chat.setup_name],
+                          (chat.setup_name,), DEVICE)  # fmt: skip
+    decode_step(chat.model, pool, rows)
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        decode_step(chat.model, pool, rows)
         synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-            decoder.step(token)
-            synchronize()
     kernels = [e for e in profiler.events() if e.device_type.name == "CUDA"]
     return {
         "eager_step_kernels": len(kernels),
         "eager_step_kernel_ms": sum(e.device_time_total for e in kernels) / 1000,
+    }
+
+
+def _batched(chat, archives: list[Path], streams=(1, 4, 8, 16, 32), new_tokens: int = 128) -> dict:
+    """Concurrent requests as predict.py serves them (one scheduler, one batched step): half
+    with the setup adapter, half with another as replicate_weights; aggregate tokens/s and
+    time to first token by the number of streams; and how often near-greedy answers differ
+    between alone and in a batch of 16 (bf16 rounds a batched matmul differently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from src.serving.generation import GenerationStats
+
+    new_tokens //= SCALE
+    weights = [None, str(archives[1])]
+
+    def answer(index: int, greedy: bool = False) -> tuple[str, GenerationStats]:
+        stats = GenerationStats()
+        request = _request(PROMPT if greedy else f"{PROMPT} ({index})", new_tokens,
+                           weights[index % 2], greedy=greedy, seed=index)  # fmt: skip
+        return "".join(chat.chat(request, stats)), stats
+
+    answer(0), answer(1)  # warm: both adapters loaded
+    tokens_per_second, ttft = {}, {}
+    for count in (s for s in streams if s <= chat.scheduler.max_rows):
+        started = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            results = list(pool.map(answer, range(count)))
+        elapsed = time.perf_counter() - started
+        tokens_per_second[str(count)] = sum(s.output_tokens for _, s in results) / elapsed
+        ttft[str(count)] = sum(s.time_to_first_token for _, s in results) / count
+        print(json.dumps({"batched_tokens_per_second": tokens_per_second}), flush=True)
+    alone = [answer(i, greedy=True)[0] for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda i: answer(i, greedy=True)[0], range(16)))
+    return {
+        "batched_tokens_per_second": tokens_per_second,
+        "batched_ttft_seconds": ttft,
+        "batched_most_rows": chat.scheduler.most_rows,
+        "batched_greedy_answers_identical_share": sum(
+            a == b for a, b in zip(alone, together, strict=True)
+        )
+        / len(alone),
+        "batched_graphs_captured": chat.scheduler.decoder.captures,
     }
 
 

@@ -31,6 +31,9 @@ FULL = {
     "pipeline_rows": 1_000_000,
     "inference_models": ("tiny", "100m"),
     "new_tokens": 64,
+    "streams": "1,4,8,16",
+    "cog_streams": 8,
+    "cog_new_tokens": 96,
 }
 SMOKE = {
     "train_model": "tiny",
@@ -39,6 +42,9 @@ SMOKE = {
     "pipeline_rows": 400,
     "inference_models": ("tiny",),
     "new_tokens": 4,
+    "streams": "1,2",
+    "cog_streams": 2,
+    "cog_new_tokens": 4,
 }
 
 
@@ -68,9 +74,15 @@ def run(smoke: bool, out: Path) -> dict:
         pipeline.measure(sizes["pipeline_rows"], median, runs=1 if smoke else 3)
         for median in PIPELINE_MEDIANS
     ]
+    streams = tuple(int(n) for n in sizes["streams"].split(","))
     results["inference"] = {
-        size: measure(inference, [str(models[size]), "--new-tokens", str(sizes["new_tokens"])],
-                      lambda size=size: inference.measure(models[size], sizes["new_tokens"]))
+        size: measure(inference, [str(models[size]), "--new-tokens", str(sizes["new_tokens"]),
+                                  "--streams", sizes["streams"],
+                                  "--cog-streams", str(sizes["cog_streams"]),
+                                  "--cog-new-tokens", str(sizes["cog_new_tokens"])],
+                      lambda size=size: inference.measure(models[size], sizes["new_tokens"],
+                                                          streams, sizes["cog_streams"],
+                                                          sizes["cog_new_tokens"]))
         for size in sizes["inference_models"]
     }  # fmt: skip
     # The operation census of a training pass as the GPU runs it (meta tensors: seconds)
@@ -153,6 +165,31 @@ def markdown(results: dict) -> str:
             f"{r['predictor_merged']['decode_tokens_per_second']:.1f} tok/s | "
             f"{r['adapter_swap_cold_seconds'] * 1000:.0f} ms | "
             f"{r['adapter_swap_warm_seconds'] * 1000:.0f} ms |"
+        )
+    lines += [
+        "",
+        "| inference model | requests at once | aggregate tokens/s | vs one | mean TTFT |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for size, r in results["inference"].items():
+        c = r["concurrent"]
+        for n, tps in c["tokens_per_second"].items():
+            lines.append(
+                f"| {size} | {n} | {tps:.1f} | {c['vs_one'][n]:.2f}x | "
+                f"{c['time_to_first_token'][n] * 1000:.0f} ms |"
+            )
+    lines += [
+        "",
+        "| inference model | through Cog | one after another | all at once | speedup "
+        "| same answers |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for size, r in results["inference"].items():
+        g = r["through_cog"]
+        lines.append(
+            f"| {size} | {g['streams']} requests of {g['new_tokens']} tokens | "
+            f"{g['sequential_seconds']:.1f} s | {g['together_seconds']:.1f} s | "
+            f"{g['speedup']:.2f}x | {'yes' if g['same_answers'] else 'NO'} |"
         )
     first = results["census"][0]
     lines += [
