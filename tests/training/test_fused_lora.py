@@ -187,6 +187,70 @@ def test_projections_of_one_input_apply_its_one_mask(monkeypatch):
         torch.testing.assert_close(got, out + 0.5 * (dropped @ a.T) @ b.T)
 
 
+class MaskSource:
+    """The same sequence of dropout masks for two forwards: one new mask for each new input
+    (in the order the layers read them), from one seeded generator."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def mask(self, like: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand(like.shape, generator=self.generator) >= p
+        return keep.to(like.dtype)
+
+
+class SharedMaskDropout(torch.nn.Module):
+    """A reference for peft's LoRA layers: inverted dropout whose mask is drawn once per
+    input and shared by the projections reading that same tensor."""
+
+    def __init__(self, source: MaskSource, p: float, last: dict) -> None:
+        super().__init__()
+        self.source, self.p, self.last = source, p, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.last.get("input") is not x:
+            flat = x.reshape(-1, x.shape[-1])
+            self.last.update(input=x, mask=self.source.mask(flat, self.p).view(x.shape))
+        return x * self.last["mask"] / (1 - self.p)
+
+
+def test_a_step_with_dropout_is_the_documented_meaning(tiny_model_dir, batch, monkeypatch):
+    """Dropout 0.2 on the tiny model: the fused step's loss and gradients equal peft's
+    forward given inverted dropout with one mask per input, shared by the projections that
+    read it (the README's meaning), the same masks fed to both, within 1e-5 in fp32."""
+    from peft.tuners.lora import LoraLayer
+
+    p = 0.2
+    torch.manual_seed(0)
+    base = load_base_model(tiny_model_dir, False, Placement(CPU, torch.float32))
+    model = add_lora(base, rank=8, alpha=16, dropout=p, quantized=False)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    originals = {}
+    last: dict = {}
+    reference_source = MaskSource(seed=11)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            originals[module] = module.lora_dropout["default"]
+            module.lora_dropout["default"] = SharedMaskDropout(reference_source, p, last)
+    reference_loss, reference_grads = loss_and_gradients(model, batch)
+    for module, dropout in originals.items():
+        module.lora_dropout["default"] = dropout  # peft's own, p = 0.2, as training has it
+    last.clear()
+    fused_source = MaskSource(seed=11)
+    monkeypatch.setattr(fused_lora, "dropout_mask", fused_source.mask)
+    install_fused_lora(model)
+    loss, grads = loss_and_gradients(model, batch)
+    assert loss == pytest.approx(reference_loss, rel=1e-5)
+    assert max(relative_errors(grads, reference_grads)) < 1e-5
+    # and not by chance: without dropout the step is another one
+    model.zero_grad(set_to_none=True)
+    for module in originals:
+        module.lora_dropout["default"].p = 0.0
+    assert loss_and_gradients(model, batch)[0] != pytest.approx(reference_loss, rel=1e-3)
+
+
 def test_dora_is_refused_and_peft_s_forward_can_come_back(tiny_model_dir, batch):
     from peft import LoraConfig, get_peft_model
 
