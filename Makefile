@@ -42,8 +42,10 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run
 
-bench-smoke: $(BIN)/.installed
+bench-smoke: $(BIN)/.installed  # the CPU harness, and the GPU script's training and serving
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run --smoke --out "$$(mktemp -d)"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.gpu --smoke --sections training,serving \
+	  --out "$$(mktemp -d)"
 
 # The image with the versions the tests ran: cog.yaml pins the SDK (build.sdk_version); Cog
 # resolves coglet at build time unless COGLET_WHEEL names one.

@@ -16,6 +16,7 @@ import functools
 import json
 import random
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -478,7 +479,22 @@ def _compiled_elementwise_off(model, rows: tuple, memory, peaks: dict, budget: i
     return _lever_off("compiled elementwise", off, on, model, rows, memory, peaks, budget)
 
 
-LEVERS = (_fused_lora_off, _compiled_elementwise_off)
+def _fused_loss_off(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
+    """The fused loss's lever: autograd's cross-entropy, chunk by chunk."""
+    import dataclasses
+    import os
+
+    def off(model, memory):
+        os.environ["TRAIN_FUSED_LOSS"] = "0"
+        return dataclasses.replace(memory, fused_loss=False)  # its log-softmax is kept
+
+    def on(model):
+        os.environ.pop("TRAIN_FUSED_LOSS", None)
+
+    return _lever_off("fused loss", off, on, model, rows, memory, peaks, budget)
+
+
+LEVERS = (_fused_lora_off, _compiled_elementwise_off, _fused_loss_off)
 
 
 def _qlora_upcast(model, rows: tuple, memory, peaks: dict, budget: int) -> dict:
@@ -872,6 +888,10 @@ def main() -> None:
             peaks["measured"] = results["matmul_tflops"]
         path.write_text(json.dumps(results, indent=2))
         print(f"== {name} done in {results['section_seconds'][name]:.0f} s", flush=True)
+    failed = [key for key in results if key.endswith("_error")]
+    failed += [f"training: {r['levers']}" for r in results.get("training", []) if "error" in r]
+    if args.smoke and failed:  # the script itself must not rot: CI runs it at tiny sizes
+        sys.exit(f"bench.gpu --smoke: failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,21 @@ projections), so no weight gradient is computed.
 It is the idea of Liger-Kernel's fused linear cross-entropy and torchtune's chunked loss,
 written in torch operations rather than a Triton kernel: it runs on every device the
 training does, including the CPU the tests run on, and torch.compile can trace it.
+
+TRAIN_FUSED_LOSS=0 computes the loss as before, through autograd chunk by chunk
+(`chunked_cross_entropy_sum`: the same sum, an fp32 log-softmax kept per supervised token),
+for comparison and as a way out; the memory plan counts what that keeps.
 """
 
+import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from src.log import log
+
+ENABLE_VARIABLE = "TRAIN_FUSED_LOSS"  # "0": autograd's cross-entropy, chunk by chunk
 
 CHUNK = 1024  # positions per slice of the vocabulary projection: (1024, 32000) fp32 = 131 MB
 
@@ -55,6 +65,44 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple:
         (grad_states,) = ctx.saved_tensors
         return grad_states * grad_total.to(grad_states.dtype), None, None, None
+
+
+def fused_loss_enabled() -> bool:
+    value = os.environ.get(ENABLE_VARIABLE, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", ""):
+        raise ValueError(f"{ENABLE_VARIABLE} must be 0 or 1, got {value!r}")
+    return value not in ("0", "false", "no")
+
+
+def describe_loss() -> None:
+    """The training's loss, in the log."""
+    if fused_loss_enabled():
+        log(
+            f"Loss: the vocabulary projection and cross-entropy fused ({ENABLE_VARIABLE}=0: "
+            "autograd's)"
+        )
+    else:
+        log(f"Loss: autograd's cross-entropy, chunk by chunk ({ENABLE_VARIABLE}=0)")
+
+
+def training_loss_sum(
+    states: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
+) -> torch.Tensor:
+    """The training's loss sum: fused unless TRAIN_FUSED_LOSS=0."""
+    if fused_loss_enabled():
+        return cross_entropy_sum(states, head, targets)
+    return chunked_cross_entropy_sum(states, head, targets)
+
+
+def chunked_cross_entropy_sum(
+    states: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
+    """The same sum through autograd: each chunk's logits in fp32 and F.cross_entropy."""
+    total = torch.zeros((), dtype=torch.float32, device=states.device)
+    for start in range(0, states.shape[0], chunk):
+        logits = head(states[start : start + chunk]).float()
+        total = total + F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
+    return total
 
 
 def cross_entropy_sum(

@@ -38,7 +38,7 @@ from src.training.batching import (
 )
 from src.training.config import TrainConfig
 from src.training.distributed import World, broadcast_flag, sum_over_ranks
-from src.training.fused_loss import cross_entropy_sum
+from src.training.fused_loss import training_loss_sum
 from src.training.memory import ForwardPlan, out_of_memory
 from src.training.tracking import Tracker
 
@@ -336,7 +336,7 @@ def supervised_loss_sum(model: PeftModel, batch: MicroBatch, device: torch.devic
     positions = batch.supervised_positions.to(device, non_blocking=True)
     labels = batch.supervised_targets.to(device, non_blocking=True)
     states = hidden[0].index_select(0, positions)  # (T, H)
-    return cross_entropy_sum(states, causal_lm.get_output_embeddings(), labels)
+    return training_loss_sum(states, causal_lm.get_output_embeddings(), labels)
 
 
 @torch.no_grad()

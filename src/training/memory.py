@@ -31,6 +31,7 @@ from src.errors import UserInputError
 from src.modeling import Placement, lora_parameters
 from src.training.fused_lora import fused_lora_enabled
 from src.training.fused_loss import CHUNK as LOSS_CHUNK
+from src.training.fused_loss import fused_loss_enabled
 
 GIB = 2**30
 BUDGET_VARIABLE = "TRAIN_GPU_MEMORY_GIB"  # hold a larger card to a smaller one's budget
@@ -68,6 +69,9 @@ INFERENCE_BYTES_PER_MLP = 8.0
 # hidden state (bf16) and nothing of the vocabulary; the final norm and the selection of
 # supervised positions about 4.5 bytes x hidden_size more.
 HEAD_BYTES_PER_HIDDEN = 2.0 + 4.5
+# Through autograd's cross-entropy instead (TRAIN_FUSED_LOSS=0): its fp32 log-softmax, kept
+# for every supervised position (128 KB a token for a 32,000-word vocabulary).
+UNFUSED_LOSS_BYTES_PER_VOCAB = 4.0
 # Transients: one slice of the vocabulary projection (logits in bf16 and fp32, the softmax
 # cast back to bf16: 8 bytes a logit) and the allocator's fragmentation; then what the plan
 # leaves free, in case.
@@ -112,6 +116,7 @@ class MemoryModel:
     quantized: bool
     lora_rank: int
     fused_lora: bool = True  # the training's LoRA forward (src/training/fused_lora.py)
+    fused_loss: bool = True  # the training's loss (src/training/fused_loss.py)
 
     @property
     def weights(self) -> int:
@@ -143,7 +148,10 @@ class MemoryModel:
 
     @property
     def head_bytes_per_token(self) -> float:
-        return HEAD_BYTES_PER_HIDDEN * self.shape.hidden
+        kept = HEAD_BYTES_PER_HIDDEN * self.shape.hidden
+        if not self.fused_loss:
+            kept += UNFUSED_LOSS_BYTES_PER_VOCAB * self.shape.vocab
+        return kept
 
     def bytes_per_token(self, checkpointing: bool) -> float:
         """Kept per token of a pass, every position supervised (text rows: the worst case)."""
@@ -288,6 +296,15 @@ def memory_budget(free_bytes: int) -> int:
     return int(min(budget, free_bytes))
 
 
+def memory_model_for(model_config: dict, quantized: bool, lora_rank: int) -> MemoryModel:
+    """The memory model of the training as the environment configures it (TRAIN_FUSED_LORA,
+    TRAIN_FUSED_LOSS)."""
+    return MemoryModel(
+        ModelShape.of(model_config), quantized, lora_rank, fused_lora_enabled(),
+        fused_loss_enabled(),
+    )  # fmt: skip
+
+
 def plan_for_device(
     placement: Placement,
     model_config: dict,
@@ -301,7 +318,7 @@ def plan_for_device(
     still allocates); on a CPU, passes of CPU_FORWARD_TOKENS (speed, not memory, decides)."""
     if placement.device.type != "cuda":
         return ForwardPlan(CPU_FORWARD_TOKENS, validation_tokens=CPU_FORWARD_TOKENS)
-    model = MemoryModel(ModelShape.of(model_config), quantized, lora_rank, fused_lora_enabled())
+    model = memory_model_for(model_config, quantized, lora_rank)
     free, _ = torch.cuda.mem_get_info(placement.device)
     budget = memory_budget(free) - (PROCESS_GROUP_HEADROOM if processes > 1 else 0)
     return plan_forwards(model, budget, longest, longest_validation)

@@ -59,6 +59,7 @@ from src.training.data import (
 from src.training.examples import Examples
 from src.training.fused_elementwise import choose_elementwise
 from src.training.fused_lora import choose_lora_forward
+from src.training.fused_loss import describe_loss
 from src.training.job import TrainingJob
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt
@@ -159,6 +160,7 @@ def train_and_save(
             if job.start is not None:
                 load_starting_weights(model, job.start)
             choose_lora_forward(model)
+            describe_loss()
             choose_elementwise(
                 model, placement.device, forwards.tokens or train_rows.longest_segment
             )

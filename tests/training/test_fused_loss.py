@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.training.fused_loss import LinearCrossEntropy, cross_entropy_sum
+from src.training.fused_loss import (
+    LinearCrossEntropy,
+    chunked_cross_entropy_sum,
+    cross_entropy_sum,
+    training_loss_sum,
+)
 
 
 def problem(dtype: torch.dtype, positions: int = 11, hidden: int = 16, vocab: int = 37):
@@ -85,3 +90,36 @@ def test_a_trained_or_biased_head_is_refused():
         cross_entropy_sum(states, head.requires_grad_(True), targets)
     with pytest.raises(TypeError, match="plain linear head"):
         cross_entropy_sum(states, torch.nn.Linear(16, 37), targets)
+
+
+def test_the_variable_brings_autograd_s_loss_back(monkeypatch):
+    """TRAIN_FUSED_LOSS=0: the same sum and gradient through autograd, chunk by chunk,
+    keeping its fp32 log-softmax (what the memory plan then counts); an unknown value is
+    refused."""
+    from src.training.memory import MemoryModel, ModelShape, memory_model_for
+
+    states, head, targets = problem(torch.float32, positions=40, vocab=300)
+    (training_loss_sum(states, head, targets) / 3).backward()
+    fused, states.grad = states.grad, None
+    monkeypatch.setenv("TRAIN_FUSED_LOSS", "0")
+    loss = training_loss_sum(states, head, targets)
+    (loss / 3).backward()
+    torch.testing.assert_close(loss, cross_entropy_sum(states, head, targets))
+    torch.testing.assert_close(states.grad, fused, rtol=1e-5, atol=1e-7)
+    assert kept_bytes(training_loss_sum, states, head, targets) >= 40 * 300 * 4
+    torch.testing.assert_close(
+        chunked_cross_entropy_sum(states, head, targets, chunk=7), loss.detach()
+    )
+    shape = ModelShape(hidden=4096, mlp=11008, layers=32, vocab=32000, parameters=6_738_415_616,
+                       lora_parameters_per_rank=2_498_560, context_window=4096)  # fmt: skip
+    fused_plan, autograd_plan = (MemoryModel(shape, False, 8, fused_loss=f) for f in (True, False))
+    extra = autograd_plan.head_bytes_per_token - fused_plan.head_bytes_per_token
+    assert extra == 4 * 32000  # 128 KB a token
+    config = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "vocab_size": 32000, "num_attention_heads": 32}  # fmt: skip
+    assert not memory_model_for(config, False, 8).fused_loss  # the training plans with it
+    monkeypatch.delenv("TRAIN_FUSED_LOSS")
+    assert memory_model_for(config, False, 8).fused_loss
+    monkeypatch.setenv("TRAIN_FUSED_LOSS", "maybe")
+    with pytest.raises(ValueError, match="TRAIN_FUSED_LOSS must be 0 or 1"):
+        training_loss_sum(states, head, targets)
