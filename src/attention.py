@@ -42,6 +42,8 @@ class PackedSegments:
     @classmethod
     def of(cls, lengths: list[int] | tuple[int, ...], device: torch.device) -> "PackedSegments":
         bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        if device.type == "cuda":  # a copy from pageable memory waits for the host
+            bounds = bounds.pin_memory()
         return cls(tuple(lengths), bounds.to(device, non_blocking=True), max(lengths))
 
 
