@@ -319,6 +319,19 @@ def test_the_choice_follows_the_setting_and_the_log_says_which(tiny_model_dir, m
         choose_elementwise(model, CPU, 64)
 
 
+def test_auto_compiles_on_a_gpu(tiny_model_dir, monkeypatch, capsys):
+    """The default on CUDA is the compiled layers (the probe, which would run there, is
+    stood in for: this machine has no GPU)."""
+    model = lora_model(tiny_model_dir)
+    monkeypatch.delenv("TRAIN_COMPILE", raising=False)
+    probed = []
+    monkeypatch.setattr(fused_elementwise, "probe", lambda *args: probed.append(args[1:]))
+    assert choose_elementwise(model, torch.device("cuda"), 5000) == "compiled"
+    assert probed == [(torch.device("cuda"), fused_elementwise.PROBE_TOKENS)]
+    assert "compiled (torch.compile) on 4 decoder layers" in capsys.readouterr().out
+    fused_elementwise.remove_elementwise(model)
+
+
 def test_a_compiler_failure_runs_eager_and_says_why(tiny_model_dir, monkeypatch, capsys):
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no C++ compiler for this device")
