@@ -14,7 +14,7 @@ few kilobytes, to the input's dtype and returns fp32 gradients. Projections that
 same input (q, k and v; gate and up: `SharedInput`) shrink it once, by their stacked A
 matrices, in one matmul each way (`SharedShrink`), and each adds its part into its own
 output (`LoraExpand`); the others (o, down) run `LoraUpdate`, the same in one function. The
-input is saved once, with its dropout mask in the input's dtype; peft saved a four-byte copy
+input is saved once, with its dropout mask in one byte a value; peft saved a four-byte copy
 of the input and of its dropout per projection.
 
 Dropout is peft's, each element kept with probability 1 - p and scaled by 1 / (1 - p),
@@ -52,9 +52,9 @@ def fused_lora_enabled() -> bool:
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """Which elements dropout keeps, each with probability 1 - p: ones and zeros in `like`'s
-    dtype (one kernel; multiplying by it needs no type promotion)."""
-    return torch.empty_like(like).bernoulli_(1 - p)
+    """Which elements dropout keeps, each with probability 1 - p: a bool tensor of `like`'s
+    shape (one kernel; kept for the backward in 1 byte a value, half of bf16's)."""
+    return torch.empty(like.shape, dtype=torch.bool, device=like.device).bernoulli_(1 - p)
 
 
 def scaled_mm(left: torch.Tensor, right: torch.Tensor, factor: float) -> torch.Tensor:

@@ -5,9 +5,9 @@ a forward pass keeps for its backward pass.
 A micro-batch is its rows laid end to end, and segments never attend to each other, so a
 micro-batch can run as several forward passes of whole segments with the same gradient
 (src/training/batching.forward_groups). The plan sets how many tokens one pass may hold:
-  * without checkpointing, every decoder layer keeps about 217 KB per token (Llama-2-7B,
-    bf16, the fused LoRA forward; 310 KB through peft's): about 6.6 MB per token for the
-    model, so an A40 holds about 4,100 tokens a pass (2,900 through peft's forward), and
+  * without checkpointing, every decoder layer keeps about 194 KB per token (Llama-2-7B,
+    bf16, the fused LoRA forward; 310 KB through peft's): about 6.2 MB per token for the
+    model, so an A40 holds about 4,600 tokens a pass (2,900 through peft's forward), and
     rows up to the 4,096-token context train without checkpointing;
   * with (non-reentrant) checkpointing, a layer keeps only its input (8 KB per token in bf16)
     and one layer at a time is recomputed in the backward pass: 0.5 MB per token.
@@ -54,10 +54,10 @@ class LayerCost:
 
 # The fused LoRA forward (src/training/fused_lora.py, the default): RMSNorm inputs in fp32
 # (transformers' norm upcasts), each projection's input once per group of projections that
-# read it (q/k/v, gate/up) with its dropout mask, both bf16; q, k, v and the attention output
-# in bf16; the MLP's gate, up and activation in bf16; each group's rank-wide middle in bf16.
-# Llama-2-7B: 216.8 KB.
-FUSED_LAYER = LayerCost(per_hidden=26.0, per_mlp=10.0, per_rank=14.0)
+# read it (q/k/v, gate/up) in bf16 with its dropout mask in bool; q, k, v and the attention
+# output in bf16; the MLP's gate, up and activation in bf16; each group's rank-wide middle
+# in bf16. Llama-2-7B: 193.5 KB.
+FUSED_LAYER = LayerCost(per_hidden=23.0, per_mlp=9.0, per_rank=14.0)
 # peft's own forward (TRAIN_FUSED_LORA=0): every LoRA input copied to fp32 and kept with its
 # own dropout mask (CUDA keeps a mask in 1 byte a value), the rank-wide middles in fp32.
 # Llama-2-7B: 309.9 KB.
