@@ -280,12 +280,14 @@ def _group_shared_inputs(model: torch.nn.Module) -> int:
     return count
 
 
-def choose_lora_forward(model: torch.nn.Module) -> None:
-    """The training's LoRA forward: fused unless TRAIN_FUSED_LORA=0; the log says which."""
+def choose_lora_forward(model: torch.nn.Module) -> str:
+    """The training's LoRA forward: fused unless TRAIN_FUSED_LORA=0; the log says which.
+    Returns "fused" or "peft"."""
     if fused_lora_enabled():
         install_fused_lora(model)
-    else:
-        log(f"LoRA: peft's own forward ({ENABLE_VARIABLE}=0)")
+        return "fused"
+    log(f"LoRA: peft's own forward ({ENABLE_VARIABLE}=0)")
+    return "peft"
 
 
 def remove_fused_lora(model: torch.nn.Module) -> None:

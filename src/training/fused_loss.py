@@ -74,15 +74,16 @@ def fused_loss_enabled() -> bool:
     return value not in ("0", "false", "no")
 
 
-def describe_loss() -> None:
-    """The training's loss, in the log."""
+def describe_loss() -> str:
+    """The training's loss, in the log; returns "fused" or "autograd"."""
     if fused_loss_enabled():
         log(
             f"Loss: the vocabulary projection and cross-entropy fused ({ENABLE_VARIABLE}=0: "
             "autograd's)"
         )
-    else:
-        log(f"Loss: autograd's cross-entropy, chunk by chunk ({ENABLE_VARIABLE}=0)")
+        return "fused"
+    log(f"Loss: autograd's cross-entropy, chunk by chunk ({ENABLE_VARIABLE}=0)")
+    return "autograd"
 
 
 def training_loss_sum(

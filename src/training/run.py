@@ -159,11 +159,13 @@ def train_and_save(
             )  # fmt: skip
             if job.start is not None:
                 load_starting_weights(model, job.start)
-            choose_lora_forward(model)
-            describe_loss()
-            choose_elementwise(
-                model, placement.device, forwards.tokens or train_rows.longest_segment
-            )
+            computed = {  # which of the speed levers ran (the log says why), in the metadata
+                "lora_forward": choose_lora_forward(model),
+                "loss": describe_loss(),
+                "elementwise": choose_elementwise(
+                    model, placement.device, forwards.tokens or train_rows.longest_segment
+                ),
+            }
             torch.manual_seed(dropout_seed(config.seed, world.rank))
             result = train_adapter(
                 model, job.tokenizer, train_rows, validation_rows, config, forwards,
@@ -171,7 +173,7 @@ def train_and_save(
             )  # fmt: skip
             if not world.is_main:
                 return None
-            archive, curve = save_weights(model, job, result, clock.elapsed())
+            archive, curve = save_weights(model, job, result, clock.elapsed(), computed)
             tracker.finish(curve)
             return archive
         finally:
@@ -308,7 +310,11 @@ def log_packing(config: TrainConfig, stats: PackingStats) -> None:
 
 
 def save_weights(
-    model: peft.PeftModel, job: TrainingJob, result: TrainResult, runtime: float
+    model: peft.PeftModel,
+    job: TrainingJob,
+    result: TrainResult,
+    runtime: float,
+    computed: dict[str, str],
 ) -> tuple[Path, Path]:
     """The weights archive (in a folder of its own, which outlives the training: Cog reads
     it after train() returns) and the loss curve in it (in the data folder, which does not)."""
@@ -327,7 +333,11 @@ def save_weights(
             "user_turn": render_user_turn("{prompt}", "{system}"),
             "system_prompt": job.data.system_prompt.as_json(),
         },
-        "results": {**_results(result, job.packed[1]), "runtime_seconds": runtime},
+        "results": {
+            **_results(result, job.packed[1]),
+            "runtime_seconds": runtime,
+            "computed": computed,
+        },
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -6,6 +6,7 @@ exactly; the choice is logged, a compiler failure runs eager and says why; what 
 compiled functions keep for the backward is no more than eager keeps."""
 
 import dataclasses
+import json
 import os
 import re
 import tarfile
@@ -381,6 +382,12 @@ def adapter_tensors(archive) -> dict[str, torch.Tensor]:
         return load_safetensors(tar.extractfile("adapter_model.safetensors").read())
 
 
+def computed(archive) -> dict[str, str]:
+    with tarfile.open(archive) as tar:
+        metadata = json.loads(tar.extractfile("training_metadata.json").read())
+    return metadata["results"]["computed"]
+
+
 def step_losses(log: str) -> list[float]:
     return [float(loss) for loss in re.findall(r"^step \d+/\d+ .*\| loss ([0-9.]+)", log, re.M)]
 
@@ -396,11 +403,15 @@ def test_a_training_with_compiled_layers_trains_as_eager_layers_train(
         FAST_LEARNING, num_train_epochs=2, lora_dropout=0.05, train_data=str(facts_file)
     )
     monkeypatch.setenv("TRAIN_COMPILE", "0")
-    eager = adapter_tensors(call_train(**settings))
-    eager_log = capfd.readouterr().out
+    eager_archive = call_train(**settings)
+    eager, eager_log = adapter_tensors(eager_archive), capfd.readouterr().out
     monkeypatch.setenv("TRAIN_COMPILE", "1")
-    compiled = adapter_tensors(call_train(**settings))
-    compiled_log = capfd.readouterr().out
+    compiled_archive = call_train(**settings)
+    compiled, compiled_log = adapter_tensors(compiled_archive), capfd.readouterr().out
+    # the weights say how they were computed (a fallback to eager shows there too)
+    assert computed(compiled_archive) == {"lora_forward": "fused", "loss": "fused",
+                                          "elementwise": "compiled"}  # fmt: skip
+    assert computed(eager_archive)["elementwise"] == "eager"
     assert "compiled (torch.compile) on 4 decoder layers" in compiled_log
     assert "Elementwise: transformers' eager decoder layers" in eager_log
     losses, eager_losses = step_losses(compiled_log), step_losses(eager_log)
