@@ -24,6 +24,7 @@ def test_cog_yaml_declares_gpu_python_and_both_entry_points():
     assert config["build"]["gpu"] is True
     assert config["build"]["python_requirements"] == "requirements.txt"
     assert config["run"] == "predict.py:Predictor" and config["train"] == "train.py:train"
+    assert "build-essential" in config["build"]["system_packages"]  # Triton's compiler
 
 
 def test_the_image_bakes_in_no_concurrency():
