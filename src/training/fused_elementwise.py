@@ -299,8 +299,17 @@ def choose_elementwise(model: torch.nn.Module, device: torch.device, pass_tokens
         log(f"Elementwise: eager, no Llama decoder layers in {type(config).__name__}'s model")
         return "eager"
     layers = install_elementwise(model, compiled_elementwise())
+    tokens = max(1, min(pass_tokens, PROBE_TOKENS))
     try:
-        probe(model, device, max(1, min(pass_tokens, PROBE_TOKENS)))
+        probe(model, device, tokens)
+    except torch.cuda.OutOfMemoryError:  # not the compiler's fault: said as what it is
+        remove_elementwise(model)
+        torch.cuda.empty_cache()
+        log(
+            f"Elementwise: eager, the GPU ran out of memory in the compiled layers' probe pass "
+            f"of {tokens:,} tokens (the training's memory plan decides what follows)"
+        )
+        return "eager"
     except Exception as error:  # a compiler the device lacks, a GPU triton cannot target
         remove_elementwise(model)
         log(f"Elementwise: eager, torch.compile failed on {device.type}: {_reason(error)}")

@@ -333,6 +333,20 @@ def test_auto_compiles_on_a_gpu(tiny_model_dir, monkeypatch, capsys):
     fused_elementwise.remove_elementwise(model)
 
 
+def test_a_probe_out_of_gpu_memory_is_named_as_such(tiny_model_dir, monkeypatch, capsys):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fused_elementwise, "probe", out_of_memory)
+    monkeypatch.setenv("TRAIN_COMPILE", "1")
+    model = lora_model(tiny_model_dir)
+    assert choose_elementwise(model, CPU, 5000) == "eager"
+    out = capsys.readouterr().out
+    assert "the GPU ran out of memory in the compiled layers' probe pass of 2,048 tokens" in out
+    assert "torch.compile failed" not in out
+    assert "forward" not in vars(model.base_model.model.model.layers[0])
+
+
 def test_a_compiler_failure_runs_eager_and_says_why(tiny_model_dir, monkeypatch, capsys):
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no C++ compiler for this device")
