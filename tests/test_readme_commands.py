@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tools.cog_server import WORKER_DIED, cog_server, free_port
-from tools.serve import missing_inputs
+from tools.serve import drop_prediction_slots, missing_inputs
 
 PROJECT = Path(__file__).resolve().parent.parent
 README = PROJECT / "README.md"
@@ -52,12 +52,14 @@ def checkout(tiny_model_dir, facts_archive, facts_file, tmp_path_factory) -> Pat
     return root
 
 
-def run_block(checkout: Path, name: str, default_port: str) -> tuple[list[str], str]:
+def run_block(
+    checkout: Path, name: str, default_port: str, extra_env: dict[str, str] | None = None
+) -> tuple[list[str], str]:
     """Start the block's server, run its other commands; return their outputs and the
     server's log."""
     port = str(free_port())
     server, *asks = [line.replace(default_port, port) for line in readme_block(name)]
-    env = {**os.environ, "PORT": port}  # what `make serve` reads; PORT= in a line wins
+    env = {**os.environ, "PORT": port, **(extra_env or {})}  # PORT: what `make serve` reads
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
     process = subprocess.Popen(
         ["bash", "-c", server],
@@ -111,7 +113,9 @@ def test_make_serve_and_the_readme_question(checkout):
 
 
 def test_make_serve_train_and_the_readme_training(checkout):
-    (body,), _ = run_block(checkout, "serve-train", "5001")
+    # an exported COG_MAX_CONCURRENCY (for predictions) does not break the train server
+    (body,), log = run_block(checkout, "serve-train", "5001", {"COG_MAX_CONCURRENCY": "16"})
+    assert "is for the prediction server; the train server runs one" in log
     result = json.loads(body)
     assert result["status"] == "succeeded", result.get("error")
     assert result["output"]["weights"].startswith("data:application/x-tar;base64,")
@@ -158,3 +162,10 @@ def test_serve_names_what_make_demo_would_have_made(tmp_path):
     assert problem and "`make demo` creates" in problem
     assert missing_inputs({"BASE_MODEL": "meta-llama/Llama-2-7b-chat-hf"}) is None
     assert missing_inputs({"COG_WEIGHTS": "https://example.com/w.tar"}) is None
+
+
+def test_the_train_server_is_not_given_prediction_slots():
+    env = {"COG_MAX_CONCURRENCY": "16", "BASE_MODEL": "x"}
+    assert "is for the prediction server" in drop_prediction_slots(env)
+    assert env == {"BASE_MODEL": "x"}
+    assert drop_prediction_slots({"COG_MAX_CONCURRENCY": "1"}) is None

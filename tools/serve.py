@@ -43,6 +43,8 @@ def main() -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    if args.mode == "train" and (note := drop_prediction_slots(os.environ)):
+        print(note, file=sys.stderr)
     server = start_server(PROJECT_DIR, args.mode, port=args.port, host=args.host)
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     try:
@@ -66,6 +68,17 @@ def main() -> int:
     finally:
         with contextlib.suppress(Exception):
             server.shutdown()
+
+
+def drop_prediction_slots(env: os._Environ | dict[str, str]) -> str | None:
+    """The train server takes one training at a time: Cog fails the setup of a synchronous
+    train() with more than one slot, so a COG_MAX_CONCURRENCY meant for predictions (an
+    exported one) is not passed to it."""
+    value = env.get("COG_MAX_CONCURRENCY", "").strip()
+    if value in ("", "1"):
+        return None
+    del env["COG_MAX_CONCURRENCY"]
+    return f"COG_MAX_CONCURRENCY={value} is for the prediction server; the train server runs one"
 
 
 def missing_inputs(env: os._Environ | dict[str, str]) -> str | None:
