@@ -1,8 +1,7 @@
 """Inference: predict.py's generation against plain transformers `generate`, adapter swaps,
 and many requests at once.
 
-The adapter is served unmerged (src/serving/chat.py); its decode speed merged into the base
-is measured alongside, as the option not taken.
+The adapter is served unmerged (src/serving/chat.py), in the batched decode step.
 
     python -m bench.inference MODEL_DIR [--new-tokens 64] [--streams 1,4,8,16]
         [--cog-streams 8 --cog-new-tokens 96]
@@ -199,9 +198,6 @@ def measure(model_dir: Path, new_tokens: int, streams=(1, 4, 8, 16), cog_streams
             "predictor": predictor_timings(chat_model, new_tokens),
             "generate": generate_timings(chat_model, new_tokens),
         }
-        chat_model.model.merge_adapter()  # the option not taken, for its decode speed
-        result["predictor_merged"] = predictor_timings(chat_model, new_tokens)
-        chat_model.model.unmerge_adapter()
         result |= swap_timings(chat_model, archives)
         result["concurrent"] = concurrent_timings(chat_model, archives, new_tokens, streams)
         result["through_cog"] = cog_timings(model_dir, archives[0], cog_streams, cog_new_tokens)

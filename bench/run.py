@@ -152,8 +152,8 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "| inference model | predictor TTFT | generate TTFT | predictor decode | generate decode "
-        "| merged decode | swap cold | swap warm |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| swap cold | swap warm |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for size, r in results["inference"].items():
         lines.append(
@@ -162,7 +162,6 @@ def markdown(results: dict) -> str:
             f"{r['generate']['time_to_first_token'] * 1000:.0f} ms | "
             f"{r['predictor']['decode_tokens_per_second']:.1f} tok/s | "
             f"{r['generate']['decode_tokens_per_second']:.1f} tok/s | "
-            f"{r['predictor_merged']['decode_tokens_per_second']:.1f} tok/s | "
             f"{r['adapter_swap_cold_seconds'] * 1000:.0f} ms | "
             f"{r['adapter_swap_warm_seconds'] * 1000:.0f} ms |"
         )

@@ -66,17 +66,20 @@ class KVPool:
     def length(self) -> int:
         return self.keys[0].shape[2]
 
-    def grown(self, config, rows: int, length: int) -> "KVPool":
-        """A pool of at least `rows` x `length` holding this one's contents."""
-        rows, length = max(rows, self.rows), max(length, self.length)
-        if (rows, length) == (self.rows, self.length):
-            return self
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def resized(self, config, rows: int, length: int, keep: int) -> "KVPool":
+        """A pool of `rows` x `length` (length at least this one's) holding this one's first
+        `keep` rows."""
+        assert length >= self.length and rows >= keep
         sample = self.keys[0]
-        bigger = KVPool.empty(config, rows, length, sample.dtype, sample.device)
-        pairs = zip(bigger.keys + bigger.values, self.keys + self.values, strict=True)
+        resized = KVPool.empty(config, rows, length, sample.dtype, sample.device)
+        pairs = zip(resized.keys + resized.values, self.keys + self.values, strict=True)
         for target, source in pairs:
-            target[: self.rows, :, : self.length].copy_(source)
-        return bigger
+            target[:keep, :, : self.length].copy_(source[:keep])
+        return resized
 
     def write_prompt(self, row: int, cache: DynamicCache) -> None:
         """A prompt's keys and values (from its prefill) into `row`."""
@@ -126,6 +129,8 @@ def linear(module: torch.nn.Module, x: torch.Tensor, rows: StepRows) -> torch.Te
     """A projection of the batch: the base for all rows, each row's own LoRA update."""
     if not isinstance(module, LoraLayer):
         return module(x)
+    if module.merged:  # a merged adapter is in the base weights: it would count twice
+        raise RuntimeError("the batched decode step serves unmerged adapters only")
     result = module.base_layer(x)
     result_dtype = result.dtype
     # peft's 4-bit layer casts each update to the result's dtype before adding it; its

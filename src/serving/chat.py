@@ -21,6 +21,8 @@ lands elsewhere), and the base takes a quarter of the memory.
 """
 
 import asyncio
+import contextvars
+import functools
 import hashlib
 import os
 import threading
@@ -70,7 +72,16 @@ from src.serving.generation import (
     TextStream,
     TokenSampler,
 )
-from src.serving.scheduler import END, Channel, Scheduler, Stream, bucket_of
+from src.serving.scheduler import (
+    END,
+    READY,
+    WAIT_FOR_ADAPTER_SLOT,
+    WAIT_FOR_LOAD,
+    Channel,
+    Scheduler,
+    Stream,
+    bucket_of,
+)
 from src.serving.serving_plan import ServingPlan
 
 MAX_LOADED_ADAPTERS = 4  # adapters kept in memory for `replicate_weights`, least recent dropped
@@ -141,6 +152,7 @@ class ChatModel:
         self.pending: Counter[str] = Counter()
         self.registry = threading.RLock()  # loaded, in_use, pending: request and scheduler threads
         self.loading: str | None = None  # the adapter being loaded beside the decode steps
+        self.loading_for: PreparedRequest | None = None  # the request waiting for it
         # what failed to load, by the request waiting for it
         self.failed_loads: dict[int, tuple[PreparedRequest, BaseException]] = {}
         self.unpacking = threading.Lock()  # one download or unpack at a time
@@ -175,8 +187,17 @@ class ChatModel:
     ) -> AsyncIterator[str]:
         """The same from a coroutine (Cog's concurrent predictions): nothing here blocks the
         event loop; canceling the coroutine (a client gone) ends the stream."""
-        prepared = await asyncio.to_thread(self.prepare, request)
-        channel = Channel(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # as asyncio.to_thread: Cog's log capture
+        preparing = loop.run_in_executor(
+            None, functools.partial(context.run, self.prepare, request)
+        )
+        try:
+            prepared = await asyncio.shield(preparing)
+        except asyncio.CancelledError:  # gone while it was prepared: what it holds goes back
+            preparing.add_done_callback(self._release_if_prepared)
+            raise
+        channel = Channel(loop)
         stream, answer = self._submit(prepared, channel, stats or GenerationStats())
         try:
             while True:
@@ -187,6 +208,10 @@ class ChatModel:
                     return
         finally:
             stream.cancel()
+
+    def _release_if_prepared(self, preparing: asyncio.Future) -> None:
+        if not preparing.cancelled() and preparing.exception() is None:
+            self._release(preparing.result(), False)
 
     def first_token_logits(self, request: ChatRequest) -> torch.Tensor:
         """The logits (1, V) a request's first token is sampled from, computed as it is
@@ -204,14 +229,8 @@ class ChatModel:
     def prepare(self, request: ChatRequest) -> PreparedRequest:
         """Everything about a request that may fail or wait on a download, before the
         scheduler sees it: its adapter unpacked and checked against the base, its prompt."""
-        adapter, identity, files, source = self._request_adapter(request.replicate_weights)
+        adapter, identity, files, source, trained = self._request_adapter(request.replicate_weights)
         try:
-            if files is not None:
-                trained = files.trained_system_prompt
-            else:
-                with self.registry:
-                    record = self.loaded.get(adapter) if adapter else None
-                trained = record.system_prompt if record else None
             system = self._system_prompt(request, trained, adapter is not None)
             prompt_ids = encode_inference_prompt(
                 self.tokenizer, request.prompt, system, request.prompt_template
@@ -224,17 +243,20 @@ class ChatModel:
 
     def _request_adapter(
         self, replicate_weights: str | None
-    ) -> tuple[str | None, str | None, AdapterFiles | None, str | None]:
-        """(adapter name, identity, unpacked files, source) of a request's weights; the
-        setup weights (always loaded) or the plain base when it names none."""
+    ) -> tuple[str | None, str | None, AdapterFiles | None, str | None, TrainedSystemPrompt | None]:
+        """(adapter name, identity, unpacked files, source, the system prompt it was trained
+        with) of a request's weights; the setup weights (always loaded) or the plain base
+        when it names none."""
         if replicate_weights is None:
-            return self.setup_name, None, None, None
+            with self.registry:
+                record = self.loaded.get(self.setup_name) if self.setup_name else None
+            return self.setup_name, None, None, None, record.system_prompt if record else None
         identity = self.store.identity(replicate_weights)
         name = adapter_name(identity)
         with self.registry:
             self.pending[identity] += 1  # its folder stays while this request needs it
-            if name in self.loaded:  # a warm adapter: nothing to unpack or check again
-                return name, identity, None, replicate_weights
+            if (record := self.loaded.get(name)) is not None:  # warm: nothing to unpack again
+                return name, identity, None, replicate_weights, record.system_prompt
         try:
             with self.unpacking:
                 files = self.store.unpack(replicate_weights, "replicate_weights", identity)
@@ -242,7 +264,7 @@ class ChatModel:
         except BaseException:
             self._leave_pending(identity, name)
             raise
-        return name, identity, files, replicate_weights
+        return name, identity, files, replicate_weights, files.trained_system_prompt
 
     def _leave_pending(self, identity: str | None, name: str | None) -> None:
         if identity is None:
@@ -301,38 +323,39 @@ class ChatModel:
 
     # on the scheduler thread
 
-    def _admit(self, prepared: PreparedRequest) -> bool:
-        """Ready to run: the request's adapter loaded and pinned while it runs. False: wait,
-        while an adapter loads (started here if the request's is not loaded, room made by
-        evicting one no stream uses) or while every adapter the cache holds is in use.
+    def _admit(self, prepared: PreparedRequest) -> str:
+        """READY: the request's adapter is loaded, and pinned while it runs. Else wait:
+        WAIT_FOR_LOAD while an adapter loads (started here if the request's is not loaded,
+        room made by evicting one no stream uses), WAIT_FOR_ADAPTER_SLOT while every adapter
+        the cache holds is in use (requests behind it may pass).
 
         Loading runs on a thread of its own, so the active rows keep decoding; no prompt
         runs meanwhile, since peft's forward of a prefill reads the layers peft is changing
         (the batched step reads only the adapters of its rows). A failed load fails the
         request that waits for it, with its error."""
         if self.loading is not None:
-            return False
+            return WAIT_FOR_LOAD
         name = prepared.adapter
         if name is None:
-            return True
+            return READY
         with self.registry:
             _, failure = self.failed_loads.pop(id(prepared), (None, None))
             if failure is not None:
                 raise failure
             if name not in self.loaded:  # new, or evicted since the request was prepared
                 if not self._room_for_one_more():
-                    return False
-                self.loading = name
+                    return WAIT_FOR_ADAPTER_SLOT
+                self.loading, self.loading_for = name, prepared
                 assert prepared.identity is not None
                 self.pending[prepared.identity] += 1  # its folder stays while it loads
                 loader = threading.Thread(
                     target=self._load_beside_the_steps, args=(prepared,), name="adapter-load"
                 )
                 loader.start()
-                return False
+                return WAIT_FOR_LOAD
             self.loaded.move_to_end(name)
             self.in_use[name] += 1
-        return True
+        return READY
 
     def _load_beside_the_steps(self, prepared: PreparedRequest) -> None:
         assert prepared.identity is not None and prepared.source is not None
@@ -344,16 +367,19 @@ class ChatModel:
             self._add_adapter(prepared.identity, prepared.source, files)
         except BaseException as error:
             with self.registry:
-                self.failed_loads[id(prepared)] = (prepared, error)  # (kept alive: its id)
+                if self.loading_for is prepared:  # still waiting for it (not gone meanwhile)
+                    self.failed_loads[id(prepared)] = (prepared, error)  # (alive: its id)
         finally:
             with self.registry:
-                self.loading = None
+                self.loading = self.loading_for = None
             self._leave_pending(prepared.identity, prepared.adapter)
             self.scheduler.wake()
 
     def _release(self, prepared: PreparedRequest, admitted: bool) -> None:
         with self.registry:
-            self.failed_loads.pop(id(prepared), None)  # (a request gone while it loaded)
+            self.failed_loads.pop(id(prepared), None)
+            if self.loading_for is prepared:  # gone while its adapter loads
+                self.loading_for = None
             if admitted and prepared.adapter is not None:
                 self.in_use[prepared.adapter] -= 1
                 if self.in_use[prepared.adapter] <= 0:

@@ -34,6 +34,10 @@ from src.serving.generation import TokenSampler
 from src.serving.step_graphs import BatchedDecoder
 
 MIN_BUCKET = 256
+MAX_PREFILLS_PER_STEP = 4  # prompts run between two steps (each pauses the running streams)
+# What a stream's admit() answers: run it; wait, and let those behind it pass (its adapter
+# has no slot); wait, and no prompt runs (an adapter is loading into the model)
+READY, WAIT_FOR_ADAPTER_SLOT, WAIT_FOR_LOAD = "ready", "adapter slot", "load"
 IDLE_POLL_S = 0.05  # no row to step, a stream waiting: how often to look again
 END = object()  # the channel's last item after the tokens
 
@@ -71,8 +75,9 @@ class Stream:
     adapter: str | None  # the peft adapter it runs with, None for the plain base
     bucket: int  # KV slots it may fill: prompt and new tokens, rounded up
     channel: Channel
-    # Ready to run? (its adapter loaded and pinned; False: wait; raises: the stream fails)
-    admit: Callable[[], bool] = lambda: True
+    # Ready to run? READY (its adapter loaded and pinned), WAIT_FOR_ADAPTER_SLOT or
+    # WAIT_FOR_LOAD; raises: the stream fails
+    admit: Callable[[], str] = lambda: READY
     # Called once when it leaves, admitted or not (unpins what admit pinned)
     release: Callable[[bool], None] = lambda admitted: None
     canceled: bool = False
@@ -181,30 +186,52 @@ class Scheduler:
             self._remove_row(stream)
 
     def _admit_waiting(self) -> None:
-        """First come, first served: the head of the queue waits for room, the rest behind it."""
-        while self.waiting and len(self.active) < self.max_rows:
-            stream = self.waiting[0]
-            if self.active and not self._fits(stream):
+        """First come, first served for memory: the head of the queue waits for KV room and
+        the rest behind it. A stream whose adapter has no slot (every one the cache holds in
+        use) lets those behind it pass; while an adapter loads no prompt runs."""
+        admitted = 0
+        for stream in list(self.waiting):
+            if len(self.active) >= self.max_rows or admitted == MAX_PREFILLS_PER_STEP:
+                return
+            shape = self._pool_shape(stream)
+            if shape is None:  # no KV room: wait for rows to leave
                 return
             try:
-                if not stream.admit():  # its adapter is loading, or every adapter slot is busy
+                ready = stream.admit()
+                if ready == WAIT_FOR_LOAD:
                     return
+                if ready == WAIT_FOR_ADAPTER_SLOT:
+                    continue
                 stream.admitted = True
-                self.waiting.popleft()
-                self._start(stream)
+                self.waiting.remove(stream)
+                admitted += 1
+                self._start(stream, shape)
             except Exception as error:  # this request's fault (its adapter, its prompt)
-                if self.waiting and self.waiting[0] is stream:
-                    self.waiting.popleft()
+                if stream in self.waiting:
+                    self.waiting.remove(stream)
                 self._leave(stream, error)
 
-    def _fits(self, stream: Stream) -> bool:
-        rows = _rows_for(len(self.active) + 1, self.max_rows)
-        length = max(stream.bucket, self.pool.length if self.pool else 0)
-        return rows * length * self.bytes_per_token <= self.kv_budget_bytes
+    def _pool_shape(self, stream: Stream) -> tuple[int, int] | None:
+        """The KV pool's (rows, length) once `stream` joins, within the budget; None: no room.
 
-    def _start(self, stream: Stream) -> None:
+        The pool as it is while it has room. Else a new one: as many rows as the budget holds
+        at its length (so that more streams join it without another copy), its length the
+        longest bucket running; while the running rows are copied over, the old pool counts
+        too. A stream alone always runs (a fresh pool, the idle one given up)."""
+        pool, needed = self.pool, len(self.active) + 1
+        if pool is not None and needed <= pool.rows and stream.bucket <= pool.length:
+            return pool.rows, pool.length
+        copying = pool is not None and bool(self.active)
+        length = max(stream.bucket, pool.length) if copying else stream.bucket
+        room = self.kv_budget_bytes - (pool.nbytes if copying and pool is not None else 0)
+        rows = min(self.max_rows, room // (length * self.bytes_per_token))
+        if not self.active:
+            return max(1, rows), length
+        return (rows, length) if rows >= needed else None
+
+    def _start(self, stream: Stream, shape: tuple[int, int]) -> None:
         """The prompt alone (exactly the model's logits for the first token), its first token,
-        and its keys and values into the next row."""
+        and its keys and values into the next row of a pool of `shape`."""
         with self.served.activate_for_prefill(stream.adapter):
             logits, cache = prefill(self.served.model, stream.prompt_ids)
         if stream.keep_first_logits:
@@ -218,11 +245,13 @@ class Scheduler:
             self._leave(stream)
             return
         row = len(self.active)
-        rows = _rows_for(row + 1, self.max_rows)
-        if self.pool is None:
-            self.pool = KVPool.empty(self.config, rows, stream.bucket, self.kv_dtype, self.device)
-        else:  # the same pool while it has room (its step graphs stay valid)
-            self.pool = self.pool.grown(self.config, rows, stream.bucket)
+        rows, length = shape
+        if self.pool is None or not self.active:
+            if self.pool is None or (self.pool.rows, self.pool.length) != shape:
+                self.pool, self.decoder.steps = None, {}  # the idle pool goes (its graphs too)
+                self.pool = KVPool.empty(self.config, rows, length, self.kv_dtype, self.device)
+        elif (self.pool.rows, self.pool.length) != shape:  # (its step graphs go with it)
+            self.pool = self.pool.resized(self.config, rows, length, keep=row)
         self.pool.write_prompt(row, cache)
         stream.position, stream.last_token = len(stream.prompt_ids), token
         self.active.append(stream)
@@ -260,7 +289,7 @@ class Scheduler:
         if not self.active and self.pool is not None and self.pool.length > MIN_BUCKET:
             # a long chat's pool goes (short chats would attend over its length); a short
             # one stays, and with it the step graphs captured on it
-            self.pool = None
+            self.pool, self.decoder.steps = None, {}
 
     def _leave(self, stream: Stream, error: BaseException | None = None) -> None:
         try:
@@ -268,14 +297,6 @@ class Scheduler:
         finally:
             stream.admitted = False
             stream.channel.put(error if error is not None else END)
-
-
-def _rows_for(needed: int, max_rows: int) -> int:
-    """The pool's rows: a power of two (a pool grows by doubling, not by every stream)."""
-    rows = 1
-    while rows < needed:
-        rows *= 2
-    return max(needed, min(rows, max_rows))
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -172,19 +172,53 @@ def test_qlora_rows_beside_base_rows(base_model_env, qlora_archive):
     assert_same_streams(chat, [(ids[0], chat.setup_name), (ids[1], None)])
 
 
+@pytest.mark.parametrize("archive", ["facts_archive", "qlora_archive"], ids=["lora", "qlora"])
+def test_a_row_s_projection_in_bf16_is_peft_s_exactly(
+    base_model_env, archive, request, monkeypatch
+):
+    """In the serving precision of a GPU (bf16; here on the CPU) each projection of the
+    batched step computes for a row exactly what peft's layer computes for it alone, with
+    its adapter (LoRA's fp32 branch cast as peft casts it, 4-bit layers too) or without."""
+    from peft.tuners.lora import LoraLayer
+
+    from src.serving.batch_step import linear
+
+    monkeypatch.setenv("PREDICT_DTYPE", "bfloat16")
+    chat = ChatModel(str(request.getfixturevalue(archive)))
+    layers = [m for m in chat.model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 7 * 4
+    rows = StepRows.build([0, 0], [0, 0], [chat.setup_name, None], (chat.setup_name,), CPU)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for layer in layers:
+            inputs = layer.base_layer.in_features
+            x = torch.randn(2, 1, inputs, generator=generator).to(torch.bfloat16)
+            got = linear(layer, x, rows)
+            with chat.activate_for_prefill(chat.setup_name):
+                with_adapter = layer(x[:1])
+            with chat.activate_for_prefill(None):
+                without = layer(x[1:])
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got[:1], with_adapter) and torch.equal(got[1:], without)
+            assert not torch.equal(with_adapter, layer.base_layer(x[:1]))  # it does matter
+
+
 def test_the_pool_keeps_its_rows_when_it_grows_and_when_rows_move(tiny_model_dir):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    pool = KVPool.empty(config, 2, 8, torch.float32, torch.device("cpu"))
+    pool = KVPool.empty(config, 3, 8, torch.float32, torch.device("cpu"))
     for tensor in pool.keys + pool.values:
         tensor.normal_()
     before = [t.clone() for t in pool.keys + pool.values]
-    grown = pool.grown(config, 4, 16)
+    assert pool.nbytes == sum(t.numel() * 4 for t in before)
+    grown = pool.resized(config, 4, 16, keep=2)  # the first two rows are running
     assert (grown.rows, grown.length) == (4, 16)
     for old, new in zip(before, grown.keys + grown.values, strict=True):
-        assert torch.equal(new[:2, :, :8], old) and not new[2:].any() and not new[:, :, 8:].any()
-    assert pool.grown(config, 1, 8) is pool  # room enough: the same pool
+        assert torch.equal(new[:2, :, :8], old[:2]) and not new[2:].any()
+        assert not new[:, :, 8:].any()
+    fewer = pool.resized(config, 2, 8, keep=2)  # a longer length may hold fewer rows
+    assert (fewer.rows, fewer.length) == (2, 8)
     grown.move_row(1, 0)
     for old, new in zip(before, grown.keys + grown.values, strict=True):
         assert torch.equal(new[0, :, :8], old[1])

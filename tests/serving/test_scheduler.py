@@ -130,15 +130,200 @@ def test_a_newcomer_waits_for_an_adapter_slot_in_use(
     assert answers == one_by_one(chat, requests)
 
 
+ENDLESS = dict(max_new_tokens=3000, min_new_tokens=3000)  # a minute on this CPU: until it goes
+
+
+def rows_gone(chat: ChatModel, timeout: float = 10.0) -> None:
+    """The scheduler holds no row, waits for nothing and pins nothing, soon."""
+    deadline = time.monotonic() + timeout
+    scheduler = chat.scheduler
+    while scheduler.active or scheduler.waiting or chat.in_use or chat.pending:
+        assert time.monotonic() < deadline, "the row did not leave"
+        time.sleep(0.01)
+
+
 def test_a_reader_gone_frees_its_row(chat):
-    stream = chat.chat(request(FACTS[0][0], max_new_tokens=500, min_new_tokens=500))
+    stream = chat.chat(request(FACTS[0][0], **ENDLESS))
     assert next(stream)
     stream.close()  # a client gone
-    deadline = time.monotonic() + 30
-    while (chat.scheduler.active or chat.in_use) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not chat.scheduler.active and not chat.in_use
+    rows_gone(chat)
+    steps = chat.scheduler.steps
+    time.sleep(0.2)
+    assert chat.scheduler.steps == steps  # nothing decodes for it any more
     assert one_by_one(chat, [request(FACTS[0][0])]) == [FACTS[0][1]]
+
+
+def test_a_canceled_coroutine_frees_its_row_and_its_place_in_the_queue(
+    base_model_env, facts_archive, monkeypatch
+):
+    """Cog cancels the coroutine of a client gone: a decoding stream leaves its row, and
+    one waiting for KV room leaves the queue (one row's budget here)."""
+    import asyncio
+
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "4")
+    probe = ChatModel(str(facts_archive))
+    monkeypatch.setenv("PREDICT_KV_CACHE_GIB", str(1.5 * 256 * probe.plan.bytes_per_token / 2**30))
+    chat = ChatModel(str(facts_archive))
+
+    async def scenario() -> None:
+        async def read(inputs) -> None:
+            async for _ in chat.achat(inputs):
+                pass
+
+        running = asyncio.create_task(read(request(FACTS[0][0], **ENDLESS)))
+        while not chat.scheduler.active:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(read(request(FACTS[1][0], **ENDLESS)))
+        while not chat.scheduler.waiting:
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        while chat.scheduler.waiting:
+            await asyncio.sleep(0.01)
+        assert len(chat.scheduler.active) == 1  # the other decodes on
+        running.cancel()
+        await asyncio.gather(running, waiting, return_exceptions=True)
+
+    asyncio.run(scenario())
+    rows_gone(chat)
+
+
+def test_a_request_canceled_while_it_is_prepared_leaves_nothing(
+    chat, other_facts_archive, monkeypatch
+):
+    """Cancelled during `prepare` (its replicate_weights fetched and unpacked on a worker
+    thread): once that thread is done, what it pinned goes back and its folder goes."""
+    import asyncio
+
+    for name in list(chat.loaded):
+        if name != chat.setup_name:
+            chat._evict(name)
+    prepared, go_on = threading.Event(), threading.Event()
+    real_prepare = chat.prepare
+
+    def slow_prepare(inputs):
+        result = real_prepare(inputs)
+        prepared.set()
+        assert go_on.wait(timeout=60)
+        return result
+
+    monkeypatch.setattr(chat, "prepare", slow_prepare)
+    folders = set(chat.store.root.iterdir())
+
+    async def scenario() -> None:
+        async def read() -> None:
+            async for _ in chat.achat(
+                request(FACTS[1][0], replicate_weights=str(other_facts_archive))
+            ):
+                pass
+
+        task = asyncio.create_task(read())
+        while not prepared.is_set():
+            await asyncio.sleep(0.01)
+        assert chat.pending  # its folder held for it
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        go_on.set()
+
+    asyncio.run(scenario())
+    wait_for(lambda: not chat.pending, timeout=10)
+    assert set(chat.store.root.iterdir()) == folders  # its unpacked folder gone
+
+
+def test_a_request_waiting_for_an_adapter_slot_lets_the_others_pass(
+    chat, other_facts_archive, tmp_path, monkeypatch
+):
+    """The cache holds the setup adapter and one more, in use by a long stream: a request
+    with a third adapter waits for it, and one with the setup weights, asked after it,
+    answers meanwhile."""
+    monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 2)
+    for name in list(chat.loaded):
+        if name != chat.setup_name:
+            chat._evict(name)
+    third = tmp_path / "third.tar"
+    shutil.copy(other_facts_archive, third)
+    long = []
+    reader = threading.Thread(target=lambda: long.extend(chat.chat(
+        request(FACTS[0][0], replicate_weights=str(other_facts_archive), max_new_tokens=400,
+                min_new_tokens=400))))  # fmt: skip
+    reader.start()
+    wait_for(lambda: len(long) > 0, timeout=60)
+    blocked: list = []
+    asker = threading.Thread(target=lambda: blocked.extend(
+        chat.chat(request(FACTS[1][0], replicate_weights=str(third)))))  # fmt: skip
+    asker.start()
+    wait_for(lambda: len(chat.scheduler.waiting) == 1, timeout=30)
+    assert one_by_one(chat, [request(FACTS[2][0])]) == [FACTS[2][1]]  # passed it
+    assert reader.is_alive() and not blocked  # the long stream still runs; the third waits
+    reader.join(timeout=300)
+    asker.join(timeout=120)
+    monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 4)
+    assert (
+        "".join(blocked)
+        == one_by_one(chat, [request(FACTS[1][0], replicate_weights=str(third))])[0]
+    )
+
+
+def pool_peaks(monkeypatch) -> tuple[list[int], list[tuple]]:
+    """The bytes of every KV pool allocated (with the old one while rows are copied into a
+    new one: both exist), and the copies made."""
+    from src.serving.batch_step import KVPool
+
+    peaks, copies = [], []
+    real_empty, real_resized = KVPool.empty, KVPool.resized
+
+    def empty(config, rows, length, dtype, device):
+        pool = real_empty(config, rows, length, dtype, device)
+        peaks.append(pool.nbytes)
+        return pool
+
+    def resized(self, config, rows, length, keep):
+        pool = real_resized(self, config, rows, length, keep)
+        peaks.append(self.nbytes + peaks.pop())
+        copies.append(((self.rows, self.length), (rows, length), keep))
+        return pool
+
+    monkeypatch.setattr(KVPool, "empty", staticmethod(empty))
+    monkeypatch.setattr(KVPool, "resized", resized)
+    return peaks, copies
+
+
+def short_chats_then_a_long_one(chat: ChatModel) -> tuple[list, list]:
+    shorts = [request(p, **LONG) for p, _ in FACTS[:3]]
+    long = request("llama " * 100, max_new_tokens=100, min_new_tokens=100)  # a 512 bucket
+    answers: list = [None] * 4
+
+    def ask(index: int, inputs) -> None:
+        answers[index] = "".join(chat.chat(inputs))
+
+    threads = [threading.Thread(target=ask, args=(i, r)) for i, r in enumerate(shorts)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(chat.scheduler.active) == 3, timeout=60)
+    threads.append(threading.Thread(target=ask, args=(3, long)))
+    threads[-1].start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return answers, [*shorts, long]
+
+
+@pytest.mark.parametrize("rows_of_budget", [12, 40])
+def test_the_kv_pool_stays_within_its_budget(
+    base_model_env, facts_archive, monkeypatch, rows_of_budget
+):
+    """Three short chats, then a long one (a 512-token bucket) joining them, 8 slots: with a
+    budget of 12 rows of 256 tokens the long one waits (its pool and the short chats' would
+    not fit together); with 40 the rows are copied into a longer pool. Every pool, with the
+    old one while rows are copied, fits the budget; every answer is as alone."""
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "8")
+    probe = ChatModel(str(facts_archive))
+    budget = rows_of_budget * 256 * probe.plan.bytes_per_token
+    monkeypatch.setenv("PREDICT_KV_CACHE_GIB", str(budget / 2**30))
+    chat = ChatModel(str(facts_archive))
+    peaks, copies = pool_peaks(monkeypatch)
+    answers, requests = short_chats_then_a_long_one(chat)
+    assert peaks and max(peaks) <= budget, (peaks, budget)
+    assert bool(copies) == (rows_of_budget == 40), copies  # 8 x 256 -> 8 x 512, 3 rows kept
+    assert answers == one_by_one(chat, requests)
 
 
 def test_a_failing_request_fails_alone(chat, other_facts_archive, tmp_path, monkeypatch):
