@@ -126,17 +126,25 @@ class BatchedDecoder:
 
     def _capture(self, step: StepGraph) -> None:
         """Capture the step on its buffers. The warm-up steps write the rows' keys and values
-        at their current positions, which the real step then writes again, the same."""
+        at their current positions, which the real step then writes again, the same.
+
+        Through CUDAGraph's own capture_begin/capture_end rather than `torch.cuda.graph`,
+        whose entry synchronizes the device, runs Python's garbage collector and empties the
+        allocator's cache: a capture here happens while streams are waiting for their next
+        token, so it costs the warm-up steps and the recording, nothing more."""
         self.captures += 1
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        self.memory_pool = self.memory_pool or torch.cuda.graph_pool_handle()
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
                 decode_step(step.model, step.pool, step.inputs)
+            # thread_local: CUDA work of another thread (an adapter loading) does not spoil it
+            graph.capture_begin(pool=self.memory_pool, capture_error_mode="thread_local")
+            try:
+                step.logits = decode_step(step.model, step.pool, step.inputs)
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.memory_pool = self.memory_pool or torch.cuda.graph_pool_handle()
-        # thread_local: CUDA work of another thread does not spoil the capture
-        with torch.cuda.graph(graph, pool=self.memory_pool, capture_error_mode="thread_local"):
-            step.logits = decode_step(step.model, step.pool, step.inputs)
         step.replay = graph.replay
