@@ -354,9 +354,14 @@ def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other
         # beside a stream: a prediction canceled mid-answer, and one that fails; each alone
         with webhook_receiver() as (hook, received):
             endless = {"max_new_tokens": 3000, "min_new_tokens": 3000}  # until canceled
-            body = {"input": {**GREEDY, "prompt": PROMPT, **endless}, "webhook": hook}
+            body = {
+                "input": {**GREEDY, "prompt": PROMPT, **endless},
+                "webhook": hook,
+                "webhook_events_filter": ["start", "completed"],
+            }  # no webhook a token
             assert server.put("/predictions/to-cancel", body, {"Prefer": "respond-async"})[0] == 202
-            wait_for(lambda: any(h.get("output") for h in received), timeout=60)
+            wait_for(lambda: any(h["status"] == "processing" for h in received), timeout=60)
+            time.sleep(1)  # mid-answer: 3,000 tokens take this machine a minute
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 streaming = pool.submit(_stream_answer, server, requests[1])
                 missing = {**GREEDY, "prompt": "hi", "replicate_weights": "/no/such/weights.tar"}
