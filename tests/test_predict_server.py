@@ -333,14 +333,24 @@ def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other
         assert server.status == "READY", server.log_tail()
         assert "serving: 3 concurrent requests (COG_MAX_CONCURRENCY)" in server.log_text()
         alone = [_stream_answer(server, inputs) for inputs in requests]
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(_stream_answer, server, inputs) for inputs in requests]
-            deadline = time.monotonic() + 30
-            while server.health() != "BUSY" and time.monotonic() < deadline:
-                time.sleep(0.01)  # BUSY: every slot taken
+        assert _at_once(server, requests) == alone
+        # every slot taken (three answers of a minute, canceled after): a fourth is Cog's 409
+        endless = {"max_new_tokens": 3000, "min_new_tokens": 3000}
+        with webhook_receiver() as (hook, received):
+            for index in range(3):
+                body = {"input": {**GREEDY, "prompt": PROMPT, **endless}, "webhook": hook,
+                        "webhook_events_filter": ["start", "completed"]}  # fmt: skip
+                status, _ = server.put(
+                    f"/predictions/slot-{index}", body, {"Prefer": "respond-async"}
+                )
+                assert status == 202
+            wait_for(lambda: server.health() == "BUSY", timeout=30)
             status, _ = server.post("/predictions", {"input": {**GREEDY, "prompt": "hi"}})
             assert status == 409
-            assert [f.result() for f in futures] == alone
+            for index in range(3):
+                assert server.post(f"/predictions/slot-{index}/cancel") == (200, {})
+            wait_for(lambda: sum(h["status"] == "canceled" for h in received) == 3, timeout=30)
+        assert server.wait_ready() == "READY"
         # a client gone mid-stream
         body = json.dumps({"input": {**GREEDY, "prompt": PROMPT, **long}}).encode()
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
