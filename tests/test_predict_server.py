@@ -295,17 +295,37 @@ def test_setup_weights_with_an_infinite_tensor_fail_setup_naming_it(
         assert f"{key}: 1 of its 11264 values are NaN or infinite" in server.log_text()
 
 
+SLOT_BACK_S = 10  # how soon a slot must come back (an endless answer takes this CPU a minute)
+
+
 def _stream_answer(server: CogServer, inputs: dict) -> str:
     """One streaming prediction's text (without waiting for the server to be idle: other
     predictions are running)."""
     body = json.dumps({"input": {**GREEDY, **inputs}}).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     req = urllib.request.Request(server.url + "/predictions", body, headers, method="POST")
-    with urllib.request.urlopen(req, timeout=120) as response:
-        events = list(_read_events(line.decode() for line in response))
+    deadline = time.monotonic() + SLOT_BACK_S
+    while True:  # a slot is given back just after its prediction's `completed`
+        try:
+            with urllib.request.urlopen(req, timeout=120) as response:
+                events = list(_read_events(line.decode() for line in response))
+            break
+        except urllib.error.HTTPError as error:
+            if error.code != 409 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     completed = events[-1].data
     assert completed["status"] == "succeeded", completed.get("error")
     return "".join(e.data["chunk"] for e in events if e.event == "output")
+
+
+def _once_a_slot_is_free(send) -> tuple[int, object]:
+    """`send()` again while Cog answers 409: a slot is given back just after the `completed`
+    of the prediction that held it, and READY means one slot is free, not all."""
+    deadline = time.monotonic() + SLOT_BACK_S
+    while (answer := send())[0] == 409 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return answer
 
 
 def _at_once(server: CogServer, requests: list[dict]) -> list:
@@ -334,15 +354,15 @@ def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other
         assert "serving: 3 concurrent requests (COG_MAX_CONCURRENCY)" in server.log_text()
         alone = [_stream_answer(server, inputs) for inputs in requests]
         assert _at_once(server, requests) == alone
+        assert server.wait_ready() == "READY"  # slots are given back just after `completed`
         # every slot taken (three answers of a minute, canceled after): a fourth is Cog's 409
         endless = {"max_new_tokens": 3000, "min_new_tokens": 3000}
         with webhook_receiver() as (hook, received):
             for index in range(3):
                 body = {"input": {**GREEDY, "prompt": PROMPT, **endless}, "webhook": hook,
                         "webhook_events_filter": ["start", "completed"]}  # fmt: skip
-                status, _ = server.put(
-                    f"/predictions/slot-{index}", body, {"Prefer": "respond-async"}
-                )
+                path, wait = f"/predictions/slot-{index}", {"Prefer": "respond-async"}
+                status, _ = _once_a_slot_is_free(lambda: server.put(path, body, wait))  # noqa: B023
                 assert status == 202
             wait_for(lambda: server.health() == "BUSY", timeout=30)
             status, _ = server.post("/predictions", {"input": {**GREEDY, "prompt": "hi"}})
@@ -351,8 +371,8 @@ def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other
                 assert server.post(f"/predictions/slot-{index}/cancel") == (200, {})
             wait_for(lambda: sum(h["status"] == "canceled" for h in received) == 3, timeout=30)
         assert server.wait_ready() == "READY"
-        # a client gone mid-stream
-        body = json.dumps({"input": {**GREEDY, "prompt": PROMPT, **long}}).encode()
+        # a client gone mid-stream (its answer endless: only giving its slot back frees it)
+        body = json.dumps({"input": {**GREEDY, "prompt": PROMPT, **endless}}).encode()
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         req = urllib.request.Request(server.url + "/predictions", body, headers, method="POST")
         with urllib.request.urlopen(req, timeout=60) as response:
@@ -361,6 +381,7 @@ def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other
                     break
         assert server.wait_ready() == "READY"
         assert _at_once(server, [{"prompt": p} for p, _ in FACTS[:3]]) == [a for _, a in FACTS[:3]]
+        assert server.wait_ready() == "READY"
         # beside a stream: a prediction canceled mid-answer, and one that fails; each alone
         with webhook_receiver() as (hook, received):
             endless = {"max_new_tokens": 3000, "min_new_tokens": 3000}  # until canceled
@@ -369,13 +390,19 @@ def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other
                 "webhook": hook,
                 "webhook_events_filter": ["start", "completed"],
             }  # no webhook a token
-            assert server.put("/predictions/to-cancel", body, {"Prefer": "respond-async"})[0] == 202
+            wait = {"Prefer": "respond-async"}
+            status, _ = _once_a_slot_is_free(
+                lambda: server.put("/predictions/to-cancel", body, wait)
+            )
+            assert status == 202
             wait_for(lambda: any(h["status"] == "processing" for h in received), timeout=60)
             time.sleep(1)  # mid-answer: 3,000 tokens take this machine a minute
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 streaming = pool.submit(_stream_answer, server, requests[1])
                 missing = {**GREEDY, "prompt": "hi", "replicate_weights": "/no/such/weights.tar"}
-                status, failed = server.post("/predictions", {"input": missing})
+                status, failed = _once_a_slot_is_free(
+                    lambda: server.post("/predictions", {"input": missing})
+                )
                 assert status == 200 and failed["status"] == "failed"
                 assert "/no/such/weights.tar" in failed["error"]
                 assert server.post("/predictions/to-cancel/cancel") == (200, {})
