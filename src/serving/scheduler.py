@@ -137,10 +137,6 @@ class Scheduler:
         self.inbox.put(stream)
         return stream
 
-    def capacity_rows(self, bucket: int) -> int:
-        """How many rows of `bucket` tokens the KV budget holds (at least one)."""
-        return max(1, min(self.max_rows, self.kv_budget_bytes // (bucket * self.bytes_per_token)))
-
     # the loop
 
     def wake(self) -> None:
