@@ -1,5 +1,7 @@
-"""Coercion of Cog input values: Cog's schema lets 2.0 through for an int, so check again here."""
+"""Coercion of Cog input values (Cog's schema lets 2.0 through for an int, so check again
+here), and of the on/off switches read from the environment."""
 
+import os
 from typing import Any
 
 
@@ -16,3 +18,11 @@ def as_float(name: str, value: Any, problems: list[str]) -> Any:
         problems.append(f"{name} must be a number, got {value!r}")
         return value
     return float(value)
+
+
+def switch_on(variable: str) -> bool:
+    """An environment variable that turns something off with 0 (on when unset)."""
+    value = os.environ.get(variable, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", ""):
+        raise ValueError(f"{variable} must be 0 or 1, got {value!r}")
+    return value not in ("0", "false", "no")

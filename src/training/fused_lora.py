@@ -32,23 +32,20 @@ Liger-Kernel has a LoRA linear that accumulates into the base output.
 """
 
 import functools
-import os
 import types
 from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
 
+from src.inputs import switch_on
 from src.log import log
 
 ENABLE_VARIABLE = "TRAIN_FUSED_LORA"  # "0": peft's own forward in training too
 
 
 def fused_lora_enabled() -> bool:
-    value = os.environ.get(ENABLE_VARIABLE, "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "no", "yes", ""):
-        raise ValueError(f"{ENABLE_VARIABLE} must be 0 or 1, got {value!r}")
-    return value not in ("0", "false", "no")
+    return switch_on(ENABLE_VARIABLE)
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:

@@ -22,12 +22,12 @@ TRAIN_FUSED_LOSS=0 computes the loss as before, through autograd chunk by chunk
 for comparison and as a way out; the memory plan counts what that keeps.
 """
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from src.inputs import switch_on
 from src.log import log
 
 ENABLE_VARIABLE = "TRAIN_FUSED_LOSS"  # "0": autograd's cross-entropy, chunk by chunk
@@ -68,10 +68,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_loss_enabled() -> bool:
-    value = os.environ.get(ENABLE_VARIABLE, "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "no", "yes", ""):
-        raise ValueError(f"{ENABLE_VARIABLE} must be 0 or 1, got {value!r}")
-    return value not in ("0", "false", "no")
+    return switch_on(ENABLE_VARIABLE)
 
 
 def describe_loss() -> str:
