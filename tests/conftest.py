@@ -52,6 +52,14 @@ def base_model_env(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return tiny_model_dir
 
 
+@pytest.fixture(scope="module")
+def base_model_env_module(tiny_model_dir: Path) -> Iterator[Path]:
+    """BASE_MODEL for a module's shared chat models."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BASE_MODEL", str(tiny_model_dir))
+        yield tiny_model_dir
+
+
 @pytest.fixture(scope="session")
 def facts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Made-up facts, each repeated, so that a few epochs memorise them."""

@@ -18,13 +18,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def base_model_env_module(tiny_model_dir):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BASE_MODEL", str(tiny_model_dir))
-        yield tiny_model_dir
-
-
-@pytest.fixture(scope="module")
 def two_adapters(base_model_env_module, facts_archive, other_facts_archive):
     """A chat model with the FACTS adapter (setup) and the OTHER_FACTS one loaded."""
     chat = ChatModel(str(facts_archive))
@@ -177,8 +170,8 @@ def test_a_row_s_projection_in_bf16_is_peft_s_exactly(
     base_model_env, archive, request, monkeypatch
 ):
     """In the serving precision of a GPU (bf16; here on the CPU) each projection of the
-    batched step computes for a row exactly what peft's layer computes for it alone, with
-    its adapter (LoRA's fp32 branch cast as peft casts it, 4-bit layers too) or without."""
+    batched step computes for a row exactly what peft's layer computes, with its adapter
+    (LoRA's fp32 branch cast as peft casts it, 4-bit layers too) or without (its mask off)."""
     from peft.tuners.lora import LoraLayer
 
     from src.serving.batch_step import linear
@@ -187,20 +180,25 @@ def test_a_row_s_projection_in_bf16_is_peft_s_exactly(
     chat = ChatModel(str(request.getfixturevalue(archive)))
     layers = [m for m in chat.model.modules() if isinstance(m, LoraLayer)]
     assert len(layers) == 7 * 4
-    rows = StepRows.build([0, 0], [0, 0], [chat.setup_name, None], (chat.setup_name,), CPU)
+    # one row a call: whether a matrix product rounds alike for 1 and 2 rows depends on the
+    # CPU's kernels, not on what is tested here (the batch is the fp32 tests' business)
+    with_adapter, without = (
+        StepRows.build([0], [0], [name], (chat.setup_name,), CPU)
+        for name in (chat.setup_name, None)
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for layer in layers:
-            inputs = layer.base_layer.in_features
-            x = torch.randn(2, 1, inputs, generator=generator).to(torch.bfloat16)
-            got = linear(layer, x, rows)
+            x = torch.randn(1, 1, layer.base_layer.in_features, generator=generator)
+            x = x.to(torch.bfloat16)
             with chat.activate_for_prefill(chat.setup_name):
-                with_adapter = layer(x[:1])
+                peft_with = layer(x)
             with chat.activate_for_prefill(None):
-                without = layer(x[1:])
-            assert got.dtype == torch.bfloat16
-            assert torch.equal(got[:1], with_adapter) and torch.equal(got[1:], without)
-            assert not torch.equal(with_adapter, layer.base_layer(x[:1]))  # it does matter
+                peft_without = layer(x)
+            assert linear(layer, x, with_adapter).dtype == torch.bfloat16
+            assert torch.equal(linear(layer, x, with_adapter), peft_with)
+            assert torch.equal(linear(layer, x, without), peft_without)
+            assert not torch.equal(peft_with, layer.base_layer(x))  # it does matter
 
 
 def test_the_pool_keeps_its_rows_when_it_grows_and_when_rows_move(tiny_model_dir):

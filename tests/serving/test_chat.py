@@ -41,13 +41,6 @@ def chat_model(base_model_env_module, facts_archive) -> ChatModel:
     return ChatModel(str(facts_archive))
 
 
-@pytest.fixture(scope="module")
-def base_model_env_module(tiny_model_dir):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BASE_MODEL", str(tiny_model_dir))
-        yield tiny_model_dir
-
-
 def test_trained_weights_answer_the_trained_prompts(chat_model):
     for prompt, completion in FACTS:
         assert ask(chat_model, prompt) == completion

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import src.serving.chat
 from src.serving.chat import ChatModel, build_chat_request
@@ -42,6 +43,13 @@ def at_once(chat: ChatModel, requests: list) -> list:
     return answers
 
 
+def only_the_setup_adapter(chat: ChatModel) -> None:
+    """Evict what earlier tests left loaded beside the setup weights."""
+    for name in list(chat.loaded):
+        if name != chat.setup_name:
+            chat._evict(name)
+
+
 def one_by_one(chat: ChatModel, requests: list) -> list[str]:
     return ["".join(chat.chat(r)) for r in requests]
 
@@ -51,13 +59,6 @@ def slots_env():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COG_MAX_CONCURRENCY", "4")
         yield
-
-
-@pytest.fixture(scope="module")
-def base_model_env_module(tiny_model_dir):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BASE_MODEL", str(tiny_model_dir))
-        yield tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,7 @@ def test_a_newcomer_waits_for_an_adapter_slot_in_use(
     at once: the second waits for the first to finish (its adapter is never evicted while
     it decodes), then both answer as alone."""
     monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 2)
-    for name in list(chat.loaded):
-        if name != chat.setup_name:
-            chat._evict(name)
+    only_the_setup_adapter(chat)
     second = tmp_path / "second.tar"
     shutil.copy(other_facts_archive, second)
     requests = [
@@ -194,9 +193,7 @@ def test_a_request_canceled_while_it_is_prepared_leaves_nothing(
     thread): once that thread is done, what it pinned goes back and its folder goes."""
     import asyncio
 
-    for name in list(chat.loaded):
-        if name != chat.setup_name:
-            chat._evict(name)
+    only_the_setup_adapter(chat)
     prepared, go_on = threading.Event(), threading.Event()
     real_prepare = chat.prepare
 
@@ -236,9 +233,7 @@ def test_a_request_waiting_for_an_adapter_slot_lets_the_others_pass(
     with a third adapter waits for it, and one with the setup weights, asked after it,
     answers meanwhile."""
     monkeypatch.setattr(src.serving.chat, "MAX_LOADED_ADAPTERS", 2)
-    for name in list(chat.loaded):
-        if name != chat.setup_name:
-            chat._evict(name)
+    only_the_setup_adapter(chat)
     third = tmp_path / "third.tar"
     shutil.copy(other_facts_archive, third)
     long = []
@@ -331,9 +326,7 @@ def test_a_failing_request_fails_alone(chat, other_facts_archive, tmp_path, monk
     the request decoding beside it answers in full; the server serves the next."""
     broken = tmp_path / "broken.tar"
     shutil.copy(other_facts_archive, broken)
-    for name in list(chat.loaded):
-        if name != chat.setup_name:
-            chat._evict(name)
+    only_the_setup_adapter(chat)
     real_attach = chat._attach
     broken_name = src.serving.chat.adapter_name(chat.store.identity(str(broken)))
 
@@ -358,9 +351,7 @@ def test_an_adapter_loads_while_the_other_streams_decode(chat, other_facts_archi
     """A request whose adapter is not loaded: the load runs off the scheduler thread, and the
     stream decoding meanwhile keeps getting tokens (here: while the load is held up); then
     the newcomer answers as alone."""
-    for name in list(chat.loaded):
-        if name != chat.setup_name:
-            chat._evict(name)
+    only_the_setup_adapter(chat)
     loading, go_on = threading.Event(), threading.Event()
     real_attach = chat._attach
 
@@ -389,3 +380,26 @@ def test_an_adapter_loads_while_the_other_streams_decode(chat, other_facts_archi
     assert "".join(answer) == one_by_one(chat, [newcomer])[0]
     assert len(tokens) > during + 20 and chat.loading is None
     assert not chat.in_use and not chat.pending
+
+
+def test_bad_slot_and_kv_settings_are_named(monkeypatch):
+    """Read at setup: a wrong value fails it, naming the variable and the value."""
+    from src.errors import UserInputError
+    from src.serving.serving_plan import kv_budget_bytes, serving_slots
+
+    for value in ("0", "-2", "four"):
+        monkeypatch.setenv("COG_MAX_CONCURRENCY", value)
+        with pytest.raises(
+            UserInputError, match=f"COG_MAX_CONCURRENCY must be a positive integer, got '{value}'"
+        ):
+            serving_slots()
+    monkeypatch.delenv("COG_MAX_CONCURRENCY")
+    assert serving_slots() == 1  # unset: Cog runs one at a time
+    for value in ("0", "-1", "lots", "nan"):
+        monkeypatch.setenv("PREDICT_KV_CACHE_GIB", value)
+        with pytest.raises(
+            UserInputError, match=f"PREDICT_KV_CACHE_GIB must be a positive number, got '{value}'"
+        ):
+            kv_budget_bytes(torch.device("cpu"))
+    monkeypatch.setenv("PREDICT_KV_CACHE_GIB", "0.5")
+    assert kv_budget_bytes(torch.device("cpu")) == 2**29
