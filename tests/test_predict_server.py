@@ -364,7 +364,9 @@ def test_concurrent_predictions_through_cog(tiny_model_dir, facts_archive, other
                 path, wait = f"/predictions/slot-{index}", {"Prefer": "respond-async"}
                 status, _ = _once_a_slot_is_free(lambda: server.put(path, body, wait))  # noqa: B023
                 assert status == 202
-            wait_for(lambda: server.health() == "BUSY", timeout=30)
+            wait_for(lambda: sum(h["status"] == "processing" for h in received) == 3, timeout=60)
+            time.sleep(1)  # decoding (a cancel before Cog submits the coroutine is a failure)
+            assert server.health() == "BUSY"
             status, _ = server.post("/predictions", {"input": {**GREEDY, "prompt": "hi"}})
             assert status == 409
             for index in range(3):
