@@ -775,21 +775,22 @@ def _profile_step(chat) -> dict:
     """One eager decode step of one row under the profiler: kernels and their device time."""
     from torch.profiler import ProfilerActivity, profile
 
+    from bench.decode_census import one_row
     from src.prompt_format import encode_chat_prompt
-    from src.serving.batch_step import KVPool, StepRows, decode_step, prefill
+    from src.serving.batch_step import decode_step
 
     ids = encode_chat_prompt(chat.tokenizer, PROMPT)
-    dtype = chat.model.get_input_embeddings().weight.dtype
-    pool = KVPool.empty(chat.model.config, 1, 256, dtype, DEVICE)
-    with chat.activate_for_prefill(chat.setup_name):
-        logits, cache = prefill(chat.model, ids)
-    pool.write_prompt(0, cache)
-    rows = StepRows.build([int(logits.argmax())], [len(ids)], [chat.setup_name],
-                          (chat.setup_name,), DEVICE)  # fmt: skip
-    decode_step(chat.model, pool, rows)
+    stack, pool, rows = one_row(chat.model, ids)
+    eos = chat.tokenizer.eos_token_id
+
+    def step() -> None:
+        with torch.inference_mode():
+            decode_step(chat.model, stack, pool, rows.first(1), 256, eos, shortcuts=False)
+
+    step()
     synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        decode_step(chat.model, pool, rows)
+        step()
         synchronize()
     kernels = [e for e in profiler.events() if e.device_type.name == "CUDA"]
     return {

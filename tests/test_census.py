@@ -75,3 +75,22 @@ def test_the_default_halves_the_kernels_and_the_other_bytes_of_a_layer(censuses)
     assert (
         censuses["default"]["embedding_head_loss"] == censuses["fused lora"]["embedding_head_loss"]
     )
+
+
+def test_the_decode_step_never_waits_for_the_host_and_shares_its_shrinks():
+    """bench/decode_census.py: one decode step of one row with an adapter, sampling
+    included, as a captured step runs it: no operation that reads a value back to the host
+    (a CUDA graph could not hold it), one LoRA shrink per input (4 a layer: q/k/v, o,
+    gate/up, down) and one expand per projection, and no more kernels a layer than the
+    census counted when this was built."""
+    from bench.decode_census import eager
+
+    census = eager("tiny")
+    syncs = {"item", "_local_scalar_dense", "is_nonzero", "tolist", "nonzero"}
+    for part in ("decoder_layer", "rest"):
+        assert not syncs & set(census[part])
+    layer = census["decoder_layer"]
+    assert layer["linear"] == 7  # the base projections
+    assert layer["matmul"] == 4 + 7  # the shared shrinks, the expands
+    assert census["decoder_layer_kernels"] <= 67
+    assert census["rest"]["sort"] == 1 and census["rest"]["searchsorted"] == 1

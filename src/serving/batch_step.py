@@ -1,4 +1,5 @@
-"""One decode step for many streams at once, each row with its own adapter and its own length.
+"""One decode step for many streams at once, each row with its own adapter, its own length
+and its own sampling, with static shapes (src/serving/step_graphs.py captures it).
 
 The scheduler (src/serving/scheduler.py) runs every active stream's next token in one
 forward pass: at batch 1 a decode step reads all the weights to make one token; with B rows
@@ -7,14 +8,15 @@ length, and peft applies one active adapter to the whole batch, so the step is w
 here over the same modules (Llama's, as transformers builds them), gpt-fast style:
 
   * a KV pool per layer, (rows, kv heads, length, head dim): row i holds stream i's keys
-    and values, written at its own position; attention reads the pool's first rows with a
-    mask of each row's filled positions;
-  * each LoRA linear computes its base output once for all rows, and the low-rank update of
-    every loaded adapter slot selected for the rows that use it (a row's update is its own
-    adapter's, plus exact zeros): the arithmetic of peft's forward for that row, in the
-    same order, the input cast to the LoRA weights' dtype as peft casts it. The thin
-    matmuls run once per adapter present, over all rows (rank 8: negligible next to the
-    base), with fixed shapes, so the step can be captured as it is.
+    and values, written at its own position; attention reads the first `attended` positions
+    of the rows (as far as the longest row has reached, a power of two), masked to each
+    row's filled ones;
+  * the projections that read one input (q, k and v; gate and up) each compute their base
+    output once for all rows, then every row's own adapter update is added in place, the
+    group's LoRA shrink shared (src/serving/adapter_stack.py);
+  * the rows' state lives on the device (DecodeRows): the step reads each row's last token
+    and position, samples its next token (src/serving/sampling.py) and writes both back, so
+    that the next step can run before the host has looked at this one's tokens.
 
 The prompt of a stream still runs alone through transformers (its first token's logits are
 exactly those of the model run plainly, as the fidelity tests require); its keys and values
@@ -28,6 +30,9 @@ from peft.tuners.lora import LoraLayer
 from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from src.serving.adapter_stack import GROUPS, AdapterStack, LayerStack, StackedGroup
+from src.serving.sampling import SamplingRows, sample_rows
 
 
 def kv_bytes_per_token(config) -> int:
@@ -94,124 +99,158 @@ class KVPool:
             tensor[target].copy_(tensor[source])
 
 
-@dataclass(frozen=True)
-class StepRows:
-    """What a step needs of its rows, built on the host once per step."""
+@dataclass
+class DecodeRows:
+    """What the step reads of each row, on the device, and advances: its last token, the
+    position that token goes to, its adapter's slot (-1: the plain base) and its sampling
+    state. Written by the host when a stream takes a row; read and advanced by the step,
+    so the host need not look at a token before the next step runs."""
 
-    tokens: torch.Tensor  # (B,) the last token of each row
-    positions: torch.Tensor  # (B,) where that token goes in its row of the pool
-    adapter_masks: torch.Tensor  # (slots, B, 1, 1) bool: where a row uses a slot's adapter
-    adapter_names: tuple[str | None, ...]  # the peft adapter of each slot (None: free)
+    tokens: torch.Tensor  # (R,) int64
+    positions: torch.Tensor  # (R,) int64
+    slots: torch.Tensor  # (R,) int64
+    sampling: SamplingRows
 
     @classmethod
-    def build(
-        cls,
-        tokens: list[int],
-        positions: list[int],
-        row_adapters: list[str | None],
-        slots: tuple[str | None, ...],
-        device: torch.device,
-    ) -> "StepRows":
-        index = {name: slot for slot, name in enumerate(slots) if name is not None}
-        masks = torch.zeros(len(slots), len(tokens), 1, 1, dtype=torch.bool)
-        for row, name in enumerate(row_adapters):
-            if name is not None:
-                masks[index[name], row] = True
-        return cls(
-            torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True),
-            torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
-            masks.to(device, non_blocking=True),
-            slots,
-        )
+    def empty(cls, rows: int, vocab: int, device: torch.device) -> "DecodeRows":
+        def zeros() -> torch.Tensor:
+            return torch.zeros(rows, dtype=torch.int64, device=device)
+
+        return cls(zeros(), zeros(), zeros() - 1, SamplingRows.empty(rows, vocab, device))
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens.shape[0]
+
+    def first(self, rows: int) -> "DecodeRows":
+        """Rows 0..rows-1, as views: a step over them advances these buffers."""
+        return DecodeRows(
+            self.tokens[:rows], self.positions[:rows], self.slots[:rows],
+            self.sampling.rows(0, rows),
+        )  # fmt: skip
+
+    def start(self, row: int, token: int, position: int, slot: int) -> None:
+        """A stream's first token (sampled at its prefill) and where it goes."""
+        self.tokens[row], self.positions[row], self.slots[row] = token, position, slot
+
+    def move_row(self, source: int, target: int) -> None:
+        for tensor in (self.tokens, self.positions, self.slots):
+            tensor[target].copy_(tensor[source])
+        self.sampling.move_row(source, target)
+
+    def clear(self, row: int) -> None:
+        """No stream here: token 0 at position 0, no adapter (what a padded row decodes)."""
+        self.tokens[row], self.positions[row], self.slots[row] = 0, 0, -1
 
 
-def linear(module: torch.nn.Module, x: torch.Tensor, rows: StepRows) -> torch.Tensor:
-    """A projection of the batch: the base for all rows, each row's own LoRA update."""
+def projections(
+    modules: dict[str, torch.nn.Module],
+    group: StackedGroup | None,
+    x: torch.Tensor,
+    select: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The projections of one input: each base once for all rows, then each row's own LoRA
+    update added in place (src/serving/adapter_stack.py)."""
+    outputs = {name: _base(module)(x) for name, module in modules.items()}
+    if group is not None and select is not None:
+        group.add_updates(outputs, x, select)
+    return outputs
+
+
+def _base(module: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(module, LoraLayer):
-        return module(x)
+        return module
     if module.merged:  # a merged adapter is in the base weights: it would count twice
         raise RuntimeError("the batched decode step serves unmerged adapters only")
-    result = module.base_layer(x)
-    result_dtype = result.dtype
-    # peft's 4-bit layer casts each update to the result's dtype before adding it; its
-    # plain Linear adds in the LoRA weights' dtype and casts the sum
-    cast_each = _four_bit(module)
-    update = None
-    for slot, name in enumerate(rows.adapter_names):
-        if name is None or name not in module.lora_A:
-            continue
-        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-        wide = x.to(lora_a.weight.dtype)  # as peft casts the input
-        # peft: result + lora_B(lora_A(x)) * scaling; other rows get an exact 0 (a select,
-        # not a product: nothing another adapter computes, inf or NaN, reaches this row)
-        term = torch.where(
-            rows.adapter_masks[slot], lora_b(lora_a(wide)) * module.scaling[name], 0.0
-        )
-        if cast_each:
-            term = term.to(result_dtype)
-        update = term if update is None else update + term
-    if update is None:
-        return result
-    return (result + update).to(result_dtype)
-
-
-def _four_bit(module: torch.nn.Module) -> bool:
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # no bitsandbytes: no 4-bit layers
-        return False
-    return isinstance(module, Linear4bit)
+    return module.base_layer
 
 
 def _attention(
     attention: torch.nn.Module,
     hidden: torch.Tensor,  # (B, 1, H)
     cos_sin: tuple[torch.Tensor, torch.Tensor],
-    pool: KVPool,
-    layer: int,
-    rows: StepRows,
-    mask: torch.Tensor,  # (B, 1, 1, length) True where a row has a key
+    keys: torch.Tensor,  # (B, kv heads, attended length, head dim): this layer's pool rows
+    values: torch.Tensor,
+    write_at: torch.Tensor,  # (B,)
+    mask: torch.Tensor,  # (B, 1, 1, attended length) True where a row has a key
+    layer: LayerStack | None,
+    select: torch.Tensor | None,
 ) -> torch.Tensor:
     batch = hidden.shape[0]
     shape = (batch, 1, -1, attention.head_dim)
-    query = linear(attention.q_proj, hidden, rows).view(shape).transpose(1, 2)
-    key = linear(attention.k_proj, hidden, rows).view(shape).transpose(1, 2)
-    value = linear(attention.v_proj, hidden, rows).view(shape).transpose(1, 2)
+    names = GROUPS[0]
+    qkv = projections(
+        {n: getattr(attention, n) for n in names}, layer and layer.groups[names], hidden, select
+    )
+    query, key, value = (qkv[n].view(shape).transpose(1, 2) for n in names)
     query, key = apply_rotary_pos_emb(query, key, *cos_sin)
     every_row = torch.arange(batch, device=hidden.device)
-    keys, values = pool.keys[layer], pool.values[layer]
-    keys[every_row, :, rows.positions] = key[:, :, 0]
-    values[every_row, :, rows.positions] = value[:, :, 0]
+    keys[every_row, :, write_at] = key[:, :, 0]
+    values[every_row, :, write_at] = value[:, :, 0]
     output = F.scaled_dot_product_attention(
-        query,
-        keys[:batch],
-        values[:batch],
-        attn_mask=mask,
-        scale=attention.scaling,
+        query, keys, values, attn_mask=mask, scale=attention.scaling,
         enable_gqa=keys.shape[1] != query.shape[1],
-    )  # (B, heads, 1, head dim)
-    return linear(attention.o_proj, output.transpose(1, 2).reshape(batch, 1, -1), rows)
+    )  # fmt: skip  # (B, heads, 1, head dim)
+    merged = output.transpose(1, 2).reshape(batch, 1, -1)
+    names = GROUPS[1]
+    return projections({names[0]: attention.o_proj}, layer and layer.groups[names], merged, select)[
+        names[0]
+    ]
 
 
-@torch.inference_mode()
-def decode_step(model: torch.nn.Module, pool: KVPool, rows: StepRows) -> torch.Tensor:
-    """The next token's logits (B, V) of every row; writes each row's new key and value."""
+def _mlp(mlp: torch.nn.Module, normed: torch.Tensor, layer, select) -> torch.Tensor:
+    names = GROUPS[2]
+    gate_up = projections(
+        {n: getattr(mlp, n) for n in names}, layer and layer.groups[names], normed, select
+    )
+    names_down = GROUPS[3]
+    inner = mlp.act_fn(gate_up["gate_proj"]) * gate_up["up_proj"]
+    return projections(
+        {"down_proj": mlp.down_proj}, layer and layer.groups[names_down], inner, select
+    )["down_proj"]
+
+
+def decode_step(
+    model: torch.nn.Module,
+    stack: AdapterStack | None,
+    pool: KVPool,
+    rows: DecodeRows,  # the step's rows (DecodeRows.first): pool rows 0..B-1
+    attended: int,  # KV positions attended to: at least every row's position + 1
+    eos_token_id: int,
+    shortcuts: bool,  # sampling.sample_rows: eager per-row top-p (a CPU's) or batched
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for every row: (tokens (B,), the logits (B, V) they were drawn from). Each
+    row's key and value go into its row of the pool; its token and position advance."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     llama = causal_lm.model
+    batch = rows.tokens.shape[0]
+    # a row past its last position (one that ended the step before, still in flight)
+    # writes the last attended slot, of its own row: nothing another row reads
+    write_at = rows.positions.clamp(max=attended - 1)
     hidden = llama.embed_tokens(rows.tokens[:, None])  # (B, 1, H)
-    positions = rows.positions[:, None]
-    cos_sin = llama.rotary_emb(hidden, position_ids=positions)
-    filled = torch.arange(pool.length, device=hidden.device)[None, :] <= positions
-    mask = filled[:, None, None, :]  # (B, 1, 1, length)
+    cos_sin = llama.rotary_emb(hidden, position_ids=write_at[:, None])
+    filled = torch.arange(attended, device=hidden.device)[None, :] <= write_at[:, None]
+    mask = filled[:, None, None, :]  # (B, 1, 1, attended)
+    select = stack.selection(rows.slots) if stack is not None else None
     for index, layer in enumerate(llama.layers):
+        stacked = stack.layers[index] if stack is not None else None
+        keys = pool.keys[index][:batch, :, :attended]
+        values = pool.values[index][:batch, :, :attended]
         normed = layer.input_layernorm(hidden)
-        hidden = hidden + _attention(layer.self_attn, normed, cos_sin, pool, index, rows, mask)
+        hidden = hidden + _attention(
+            layer.self_attn, normed, cos_sin, keys, values, write_at, mask, stacked, select
+        )
         normed = layer.post_attention_layernorm(hidden)
-        mlp = layer.mlp
-        gate, up = linear(mlp.gate_proj, normed, rows), linear(mlp.up_proj, normed, rows)
-        hidden = hidden + linear(mlp.down_proj, mlp.act_fn(gate) * up, rows)
+        hidden = hidden + _mlp(layer.mlp, normed, stacked, select)
     hidden = llama.norm(hidden)
-    return linear(causal_lm.lm_head, hidden, rows)[:, -1]
+    head = projections(
+        {"lm_head": causal_lm.lm_head}, stack.head if stack else None, hidden, select
+    )
+    logits = head["lm_head"][:, -1]
+    tokens = sample_rows(logits, rows.sampling, eos_token_id, shortcuts)
+    rows.tokens.copy_(tokens)
+    rows.positions.copy_(write_at + 1)
+    return tokens, logits
 
 
 @torch.inference_mode()

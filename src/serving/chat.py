@@ -65,13 +65,9 @@ from src.prompt_format import (
 )
 from src.seeds import SEED_MAX, SEED_MIN
 from src.serving.attach import attach_adapter
-from src.serving.generation import (
-    MIN_REPETITION_PENALTY,
-    GenerationStats,
-    SamplingSettings,
-    TextStream,
-    TokenSampler,
-)
+from src.serving.generation import MIN_REPETITION_PENALTY, GenerationStats, TextStream
+from src.serving.model_thread import ModelThread, release_openmp_team
+from src.serving.sampling import SamplingSettings, sampling_seed
 from src.serving.scheduler import (
     END,
     READY,
@@ -141,8 +137,10 @@ class ChatModel:
         self.tokenizer = load_tokenizer(self.base.path)
         self.context_window = context_window(self.base.path)
         self.from_qlora = setup_adapter is not None and setup_adapter.peft_method == "qlora"
-        self.model: PreTrainedModel | PeftModel = load_inference_base(
-            self.base.path, self.from_qlora, self.placement
+        # loaded on the thread that will decode with it (src/serving/model_thread.py)
+        self.model_thread = ModelThread()
+        self.model: PreTrainedModel | PeftModel = self.model_thread.run(
+            lambda: load_inference_base(self.base.path, self.from_qlora, self.placement)
         )
         self.loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recent first
         self.active: str | None = None  # peft's active adapter (prefills), None: plain base
@@ -157,9 +155,13 @@ class ChatModel:
         self.failed_loads: dict[int, tuple[PreparedRequest, BaseException]] = {}
         self.unpacking = threading.Lock()  # one download or unpack at a time
         if weights and setup_adapter and setup_identity:
-            self._activate(setup_identity, weights, setup_adapter)
+            self.model_thread.run(lambda: self._activate(setup_identity, weights, setup_adapter))
         self.plan = ServingPlan.for_model(self.model, self.context_window)
-        self.scheduler = Scheduler(self, self.plan.slots, self.plan.kv_budget_bytes)
+        self.scheduler = Scheduler(
+            self, self.plan.slots, self.plan.kv_budget_bytes, self.tokenizer.eos_token_id,
+            adapter_slots=MAX_LOADED_ADAPTERS, model_thread=self.model_thread,
+        )  # fmt: skip
+        self._release_cpu_workers()  # this thread's, from unpacking the setup weights
         log(self.plan.describe())
         log(
             f"ready: base {self.base.public_name} on {self.placement.device} in "
@@ -209,6 +211,10 @@ class ChatModel:
         finally:
             stream.cancel()
 
+    def _release_cpu_workers(self) -> None:
+        if self.placement.device.type == "cpu":
+            release_openmp_team()
+
     def _release_if_prepared(self, preparing: asyncio.Future) -> None:
         if not preparing.cancelled() and preparing.exception() is None:
             self._release(preparing.result(), False)
@@ -229,7 +235,12 @@ class ChatModel:
     def prepare(self, request: ChatRequest) -> PreparedRequest:
         """Everything about a request that may fail or wait on a download, before the
         scheduler sees it: its adapter unpacked and checked against the base, its prompt."""
-        adapter, identity, files, source, trained = self._request_adapter(request.replicate_weights)
+        try:
+            adapter, identity, files, source, trained = self._request_adapter(
+                request.replicate_weights
+            )
+        finally:
+            self._release_cpu_workers()  # the checks' (src/serving/model_thread.py)
         try:
             system = self._system_prompt(request, trained, adapter is not None)
             prompt_ids = encode_inference_prompt(
@@ -299,12 +310,10 @@ class ChatModel:
         keep_logits: bool = False,
     ) -> tuple[Stream, "Answer"]:
         settings = prepared.settings
-        sampler = TokenSampler(
-            prepared.prompt_ids, settings, self.tokenizer.eos_token_id, self.placement.device
-        )
         stream = Stream(
             prompt_ids=prepared.prompt_ids,
-            sampler=sampler,
+            settings=settings,
+            seed=sampling_seed(settings),
             adapter=prepared.adapter,
             bucket=bucket_of(
                 len(prepared.prompt_ids) + settings.max_new_tokens, self.context_window
@@ -315,7 +324,7 @@ class ChatModel:
             keep_first_logits=keep_logits,
         )
         answer = Answer(self, prepared, stats)
-        if sampler.finished:  # nothing to generate
+        if settings.max_new_tokens < 1:  # nothing to generate
             self._release(prepared, False)
             channel.put(END)
             return stream, answer
@@ -475,7 +484,7 @@ class ChatModel:
             assert isinstance(self.model, PeftModel)
             self.model.delete_adapter(name)
         if hasattr(self, "scheduler"):  # (not yet during setup)
-            self.scheduler.decoder.forget(name)
+            self.scheduler.forget_adapter(name)
         if self.pending[evicted.identity] <= 0:
             self.store.forget(evicted.identity)
 

@@ -5,8 +5,9 @@ not run there (it would stall every slot), and two requests must never share its
 halfway. So requests hand their stream to this scheduler, which alone touches the model:
 
     loop:  take new streams -> drop the canceled -> admit waiting streams (prefill each
-           alone, its first token) -> one decode step for all active rows -> hand each
-           row its token; rows that ended leave
+           alone, its first token) -> enqueue one decode step for all active rows (it
+           samples each row's token on the device) -> hand each row its token of the step
+           before; rows that ended leave
 
 A stream waits in the queue (its first token comes later; it is not refused) while the KV
 cache budget has no room for its length bucket, while every adapter the cache may hold is
@@ -14,12 +15,16 @@ in use by other streams, or while an adapter loads (off this thread: the active 
 decoding meanwhile; src/serving/chat.py). Tokens go back through a Channel the request reads, from a
 thread or a coroutine; a request that stops reading (a stop sequence, a client gone, a
 cancel) marks its stream canceled and the stream leaves at the next step.
+
+On a GPU the host reads a step's tokens only once the next step is enqueued (`pipelined`),
+so the device never waits for the host between two steps; a row that ended in the step
+read runs one step more, whose token is dropped. On a CPU a step is computed when it is
+called, so its tokens are read at once (the same code, in the other order; both tested).
 """
 
 import asyncio
 import contextlib
 import queue
-import threading
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -29,9 +34,11 @@ from typing import Any, Protocol
 import torch
 
 from src.log import log
-from src.serving.batch_step import KVPool, kv_bytes_per_token, prefill
-from src.serving.generation import TokenSampler
-from src.serving.step_graphs import BatchedDecoder
+from src.serving.adapter_stack import AdapterStack, largest_rank
+from src.serving.batch_step import DecodeRows, KVPool, kv_bytes_per_token, prefill
+from src.serving.model_thread import ModelThread
+from src.serving.sampling import SamplingSettings, sample_rows
+from src.serving.step_graphs import BatchedDecoder, LaunchedStep
 
 MIN_BUCKET = 256
 MAX_PREFILLS_PER_STEP = 4  # prompts run between two steps (each pauses the running streams)
@@ -71,7 +78,8 @@ class Stream:
     """One request's answer inside the scheduler."""
 
     prompt_ids: list[int]
-    sampler: TokenSampler
+    settings: SamplingSettings
+    seed: int  # what its tokens are drawn with (sampling.sampling_seed)
     adapter: str | None  # the peft adapter it runs with, None for the plain base
     bucket: int  # KV slots it may fill: prompt and new tokens, rounded up
     channel: Channel
@@ -83,13 +91,22 @@ class Stream:
     canceled: bool = False
     keep_first_logits: bool = False  # for fidelity checks: the logits of its first token
     first_logits: torch.Tensor | None = field(default=None, repr=False)
-    position: int = 0  # where its next token goes in its row
-    last_token: int = 0
+    position: int = 0  # where its next token goes in its row (after the steps launched)
+    produced: int = 0  # tokens handed to its channel, or EOS
     admitted: bool = field(default=False, repr=False)
+    left: bool = field(default=False, repr=False)
 
     def cancel(self) -> None:
         """Leave at the next step (safe from any thread)."""
         self.canceled = True
+
+    def accept(self, token: int, eos_token_id: int) -> bool:
+        """Its next token: to its reader, unless EOS. Whether the stream goes on."""
+        self.produced += 1
+        if token == eos_token_id:
+            return False
+        self.channel.put(token)
+        return self.produced < self.settings.max_new_tokens
 
 
 class ServedModel(Protocol):
@@ -113,7 +130,16 @@ def bucket_of(tokens: int, context_window: int) -> int:
 class Scheduler:
     """The one thread that runs the model: admits streams, steps them together."""
 
-    def __init__(self, served: ServedModel, max_rows: int, kv_budget_bytes: int) -> None:
+    def __init__(
+        self,
+        served: ServedModel,
+        max_rows: int,
+        kv_budget_bytes: int,
+        eos_token_id: int,
+        adapter_slots: int,
+        model_thread: ModelThread | None = None,
+        pipelined: bool | None = None,
+    ) -> None:
         self.served = served
         self.max_rows = max_rows
         self.kv_budget_bytes = kv_budget_bytes
@@ -127,11 +153,18 @@ class Scheduler:
         self.waiting: deque[Stream] = deque()
         self.active: list[Stream] = []  # active[i] decodes in row i of the pool
         self.pool: KVPool | None = None
-        self.decoder = BatchedDecoder(self.device)
+        self.eos_token_id = eos_token_id
+        self.rows = DecodeRows.empty(max_rows, config.vocab_size, self.device)
+        self.adapter_slots = adapter_slots
+        self.stack: AdapterStack | None = None  # built when a row first uses an adapter
+        self.decoder = BatchedDecoder(self.device, eos_token_id)
+        self.pipelined = self.device.type == "cuda" if pipelined is None else pipelined
+        self.in_flight: tuple[list[Stream], LaunchedStep] | None = None
         self.steps = 0
         self.most_rows = 0  # the most rows a step has run (the benchmarks and tests read it)
-        self.thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
-        self.thread.start()
+        # the loop runs on the thread that loaded the model (src/serving/model_thread.py)
+        self.model_thread = model_thread or ModelThread("decode-scheduler")
+        self.model_thread.start(self._run)
 
     def submit(self, stream: Stream) -> Stream:
         self.inbox.put(stream)
@@ -149,15 +182,14 @@ class Scheduler:
                 self._take_new()
                 self._drop_canceled()
                 self._admit_waiting()
-                if self.active:
-                    self._step()
+                self._step()
             except Exception as error:  # a fault of the step itself: every active row fails
                 log(f"decode step failed: {type(error).__name__}: {error}")
                 traceback.print_exc()
                 for stream in self.active:
                     self._leave(stream, error)
-                self.active, self.pool = [], None
-                self.decoder.steps = {}
+                self.active, self.pool, self.in_flight = [], None, None
+                self.decoder.reset()
 
     def _take_new(self) -> None:
         """New streams into the queue; with no row to step, wait for one (or for the head of
@@ -226,68 +258,119 @@ class Scheduler:
         return (rows, length) if rows >= needed else None
 
     def _start(self, stream: Stream, shape: tuple[int, int]) -> None:
-        """The prompt alone (exactly the model's logits for the first token), its first token,
-        and its keys and values into the next row of a pool of `shape`."""
+        """The prompt alone (exactly the model's logits for the first token), its first token
+        sampled as every later one, and its keys, values and state into the next row of a
+        pool of `shape`."""
         with self.served.activate_for_prefill(stream.adapter):
             logits, cache = prefill(self.served.model, stream.prompt_ids)
         if stream.keep_first_logits:
             stream.first_logits = logits.clone()
-        token = stream.sampler.next_token(logits)
-        if token is None:
-            self._leave(stream)
-            return
-        stream.channel.put(token)
-        if stream.sampler.finished:
-            self._leave(stream)
-            return
         row = len(self.active)
+        sampling = self.rows.sampling
+        sampling.set_row(row, stream.settings, stream.seed, stream.prompt_ids)
+        token = sample_rows(logits, sampling.rows(row, row + 1), self.eos_token_id, True)
+        if not stream.accept(int(token.item()), self.eos_token_id):  # (the first token's wait)
+            self._leave(stream)
+            return
+        slot = self._slot_for(stream.adapter)
         rows, length = shape
         if self.pool is None or not self.active:
             if self.pool is None or (self.pool.rows, self.pool.length) != shape:
-                self.pool, self.decoder.steps = None, {}  # the idle pool goes (its graphs too)
+                self.pool = None  # the idle pool goes (its step graphs too)
+                self.decoder.reset()
                 self.pool = KVPool.empty(self.config, rows, length, self.kv_dtype, self.device)
         elif (self.pool.rows, self.pool.length) != shape:  # (its step graphs go with it)
             self.pool = self.pool.resized(self.config, rows, length, keep=row)
         self.pool.write_prompt(row, cache)
-        stream.position, stream.last_token = len(stream.prompt_ids), token
+        stream.position = len(stream.prompt_ids)
+        self.rows.start(row, int(token), stream.position, slot)
         self.active.append(stream)
 
+    def _slot_for(self, adapter: str | None) -> int:
+        """The stack slot of a stream's adapter (-1: the plain base), its weights written
+        there if they are not. (No adapter loads meanwhile: admit() said READY.)"""
+        if adapter is None:
+            return -1
+        if self.stack is not None and adapter in self.stack.slot_of:
+            return self.stack.slot_of[adapter]
+        if self.stack is None or not self.stack.covers(self.served.model, adapter):
+            self._build_stack()
+        assert self.stack is not None
+        return self.stack.assign(adapter, keep={s.adapter for s in self.active if s.adapter})
+
+    def _build_stack(self) -> None:
+        """Slots as wide as the largest rank loaded, over every adapted projection; the
+        running rows' adapters written into them again, their rows pointed at them."""
+        old = self.stack
+        rank = max(largest_rank(self.served.model), old.rank_capacity if old else 0)
+        self.stack = AdapterStack.build(self.served.model, self.adapter_slots, rank)
+        self.stack.version = old.version + 1 if old else 0
+        for row, stream in enumerate(self.active):
+            if stream.adapter is not None:
+                keep = {s.adapter for s in self.active if s.adapter}
+                self.rows.slots[row] = self.stack.assign(stream.adapter, keep)
+
+    def forget_adapter(self, adapter: str) -> None:
+        """An adapter no longer loaded: its slot is free."""
+        if self.stack is not None:
+            self.stack.release(adapter)
+
     def _step(self) -> None:
+        """Enqueue a step of the active rows; hand out the tokens of the one before (or, not
+        pipelined, of this one)."""
+        launched = None
+        if self.active:
+            assert self.pool is not None
+            launched = (list(self.active), self._launch())
+        if self.in_flight is not None:
+            self._deliver(*self.in_flight)
+            self.in_flight = None
+        if launched is not None:
+            if self.pipelined:
+                self.in_flight = launched
+            else:
+                self._deliver(*launched)
+
+    def _launch(self) -> LaunchedStep:
         assert self.pool is not None
-        logits = self.decoder.step(
-            self.served.model,
-            self.pool,
-            [s.last_token for s in self.active],
-            [s.position for s in self.active],
-            [s.adapter for s in self.active],
+        last_position = max(s.position for s in self.active)
+        launched = self.decoder.launch(
+            self.served.model, self.stack, self.pool, self.rows, len(self.active), last_position
         )
+        for stream in self.active:
+            stream.position += 1
         self.steps += 1
         self.most_rows = max(self.most_rows, len(self.active))
-        ended = []
-        for index, stream in enumerate(self.active):
-            token = stream.sampler.next_token(logits[index : index + 1])
-            if token is not None:
-                stream.channel.put(token)
-                stream.position, stream.last_token = stream.position + 1, token
-            if token is None or stream.sampler.finished:
-                ended.append(stream)
-        for stream in ended:
-            self._remove_row(stream)
+        return launched
+
+    def _deliver(self, streams: list[Stream], launched: LaunchedStep) -> None:
+        """Each stream of a step its token; those that ended leave (a stream that left
+        meanwhile, in a step that was already on its way, gets nothing)."""
+        tokens = launched.read()
+        for stream, token in zip(streams, tokens, strict=True):
+            if stream.left or stream.canceled:
+                continue
+            if not stream.accept(token, self.eos_token_id):
+                self._remove_row(stream)
 
     def _remove_row(self, stream: Stream) -> None:
         """The stream leaves; the last row moves into its place (the rows stay packed)."""
         row, last = self.active.index(stream), len(self.active) - 1
         if row != last and self.pool is not None:
             self.pool.move_row(last, row)
+            self.rows.move_row(last, row)
+        self.rows.clear(last)
         self.active[row] = self.active[last]
         self.active.pop()
         self._leave(stream)
         if not self.active and self.pool is not None and self.pool.length > MIN_BUCKET:
-            # a long chat's pool goes (short chats would attend over its length); a short
-            # one stays, and with it the step graphs captured on it
-            self.pool, self.decoder.steps = None, {}
+            # a long chat's pool goes (its memory); a short one stays, and with it the step
+            # graphs captured on it
+            self.pool = None
+            self.decoder.reset()
 
     def _leave(self, stream: Stream, error: BaseException | None = None) -> None:
+        stream.left = True
         try:
             stream.release(stream.admitted)
         finally:

@@ -86,6 +86,30 @@ def test_concurrent_requests_get_what_each_gets_alone(chat, other_facts_archive)
     assert not chat.in_use and not chat.scheduler.active
 
 
+def test_pipelined_steps_answer_as_steps_read_at_once(chat, other_facts_archive):
+    """A GPU's order (the host reads a step's tokens once the next step is enqueued) gives
+    the same answers as a CPU's (each step read when it is done): a stream that ended, by
+    EOS, by max_new_tokens or by a stop sequence, gets nothing of the step in flight."""
+    other = str(other_facts_archive)
+    requests = [
+        request(FACTS[0][0]),  # the trained answer, then EOS
+        request(FACTS[1][0], replicate_weights=other, **LONG),
+        request(FACTS[2][0], temperature=0.8, top_p=0.9, seed=7, max_new_tokens=5),
+        request(FACTS[3][0], stop_sequences="legs"),
+        request(OTHER_FACTS[0][0], temperature=1.0, top_k=20, seed=3, replicate_weights=other,
+                max_new_tokens=40),
+    ]  # fmt: skip
+    read_at_once = at_once(chat, requests)
+    assert read_at_once[0] == FACTS[0][1] and read_at_once[3] == "A vorpal crab has eleven "
+    chat.scheduler.pipelined = True
+    try:
+        assert at_once(chat, requests) == read_at_once
+        assert one_by_one(chat, requests) == read_at_once
+    finally:
+        chat.scheduler.pipelined = False
+    assert not chat.in_use and not chat.scheduler.active
+
+
 def test_over_the_kv_budget_requests_wait_their_turn(base_model_env, facts_archive, monkeypatch):
     monkeypatch.setenv("COG_MAX_CONCURRENCY", "4")
     probe = ChatModel(str(facts_archive))
