@@ -52,6 +52,7 @@ class StepGraph:
 
     rows: DecodeRows  # the views of the rows it runs
     pool: KVPool  # the pool it was captured on (kept alive while the graph is)
+    stack: AdapterStack | None  # likewise
     tokens: torch.Tensor | None  # (rows,), overwritten by every replay
     logits: torch.Tensor | None  # (rows, V), likewise
     replay: Callable[[], None]
@@ -134,6 +135,10 @@ class BatchedDecoder:
         return LaunchedStep(host, done, logits)
 
     def reset(self) -> None:
+        """Forget the steps (a new pool, model or stack). A replay still running on the GPU
+        (the step in flight) finishes first: its graph and buffers go with the steps."""
+        if self.steps and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         self.steps, self.built_for = {}, None
 
     def _step_for(
@@ -148,7 +153,8 @@ class BatchedDecoder:
             id(model), id(pool), rows.tokens.data_ptr(), id(stack), stack and stack.version
         )  # fmt: skip
         if built_for != self.built_for:  # a new pool (grown, after an idle spell), model or stack
-            self.steps, self.built_for = {}, built_for
+            self.reset()
+            self.built_for = built_for
         key = (rows.tokens.shape[0], attended)
         if key not in self.steps:
             self.steps[key] = self._build(model, stack, pool, rows, attended)
@@ -173,7 +179,7 @@ class BatchedDecoder:
         rows: DecodeRows,
         attended: int,
     ) -> StepGraph:
-        step = StepGraph(rows, pool, None, None, lambda: None)
+        step = StepGraph(rows, pool, stack, None, None, lambda: None)
         function, shortcuts = self._function()
 
         def run() -> None:
