@@ -66,7 +66,7 @@ from src.prompt_format import (
 from src.seeds import SEED_MAX, SEED_MIN
 from src.serving.attach import attach_adapter
 from src.serving.generation import MIN_REPETITION_PENALTY, GenerationStats, TextStream
-from src.serving.model_thread import ModelThread, release_openmp_team
+from src.serving.model_thread import ModelThread
 from src.serving.sampling import SamplingSettings, sampling_seed
 from src.serving.scheduler import (
     END,
@@ -161,7 +161,6 @@ class ChatModel:
             self, self.plan.slots, self.plan.kv_budget_bytes, self.tokenizer.eos_token_id,
             adapter_slots=MAX_LOADED_ADAPTERS, model_thread=self.model_thread,
         )  # fmt: skip
-        self._release_cpu_workers()  # this thread's, from unpacking the setup weights
         log(self.plan.describe())
         log(
             f"ready: base {self.base.public_name} on {self.placement.device} in "
@@ -211,10 +210,6 @@ class ChatModel:
         finally:
             stream.cancel()
 
-    def _release_cpu_workers(self) -> None:
-        if self.placement.device.type == "cpu":
-            release_openmp_team()
-
     def _release_if_prepared(self, preparing: asyncio.Future) -> None:
         if not preparing.cancelled() and preparing.exception() is None:
             self._release(preparing.result(), False)
@@ -235,12 +230,7 @@ class ChatModel:
     def prepare(self, request: ChatRequest) -> PreparedRequest:
         """Everything about a request that may fail or wait on a download, before the
         scheduler sees it: its adapter unpacked and checked against the base, its prompt."""
-        try:
-            adapter, identity, files, source, trained = self._request_adapter(
-                request.replicate_weights
-            )
-        finally:
-            self._release_cpu_workers()  # the checks' (src/serving/model_thread.py)
+        adapter, identity, files, source, trained = self._request_adapter(request.replicate_weights)
         try:
             system = self._system_prompt(request, trained, adapter is not None)
             prompt_ids = encode_inference_prompt(
@@ -271,7 +261,8 @@ class ChatModel:
         try:
             with self.unpacking:
                 files = self.store.unpack(replicate_weights, "replicate_weights", identity)
-            self._check_base(files, replicate_weights)
+            # its tensors checked on the model's thread (src/serving/model_thread.py)
+            self.model_thread.run(lambda: self._check_base(files, replicate_weights))
         except BaseException:
             self._leave_pending(identity, name)
             raise

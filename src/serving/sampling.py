@@ -138,7 +138,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def uniforms(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     """(R,) float32 in [0, 1): a hash of each row's seed (R, 2) and counter (R,)."""
-    hashed = _mix(seed[:, 1] ^ _mix(seed[:, 0] ^ _mix(counter & MASK_32)))
+    # (the golden ratio's bits offset the counter: the hash maps 0 to 0)
+    hashed = _mix(seed[:, 1] ^ _mix(seed[:, 0] ^ _mix((counter + 0x9E3779B9) & MASK_32)))
     return (hashed >> (32 - UNIFORM_BITS)).float() * 2.0**-UNIFORM_BITS
 
 

@@ -164,7 +164,7 @@ class Scheduler:
         self.most_rows = 0  # the most rows a step has run (the benchmarks and tests read it)
         # the loop runs on the thread that loaded the model (src/serving/model_thread.py)
         self.model_thread = model_thread or ModelThread("decode-scheduler")
-        self.model_thread.start(self._run)
+        self.model_thread.start(self._run, self.wake)
 
     def submit(self, stream: Stream) -> Stream:
         self.inbox.put(stream)
@@ -179,6 +179,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             try:
+                self.model_thread.run_pending()  # other threads' model work (adapter checks)
                 self._take_new()
                 self._drop_canceled()
                 self._admit_waiting()
@@ -293,22 +294,28 @@ class Scheduler:
             return -1
         if self.stack is not None and adapter in self.stack.slot_of:
             return self.stack.slot_of[adapter]
-        if self.stack is None or not self.stack.covers(self.served.model, adapter):
-            self._build_stack()
+        running = {s.adapter for s in self.active if s.adapter is not None}
+        needed = len(running | {adapter})
+        stack = self.stack
+        if stack is None or needed > stack.capacity or not stack.covers(self.served.model, adapter):
+            self._build_stack(needed)
         assert self.stack is not None
-        return self.stack.assign(adapter, keep={s.adapter for s in self.active if s.adapter})
+        return self.stack.assign(adapter, keep=running)
 
-    def _build_stack(self) -> None:
-        """Slots as wide as the largest rank loaded, over every adapted projection; the
-        running rows' adapters written into them again, their rows pointed at them."""
+    def _build_stack(self, needed: int) -> None:
+        """Slots for the adapters running at once (a step reads every slot: no more than
+        needed, at most `adapter_slots`), as wide as the largest rank loaded, over every
+        adapted projection; the running rows' adapters written into them again, their rows
+        pointed at them."""
         old = self.stack
         rank = max(largest_rank(self.served.model), old.rank_capacity if old else 0)
-        self.stack = AdapterStack.build(self.served.model, self.adapter_slots, rank)
+        slots = min(self.adapter_slots, max(needed, old.capacity if old else 0))
+        self.stack = AdapterStack.build(self.served.model, slots, rank)
         self.stack.version = old.version + 1 if old else 0
+        running = {s.adapter for s in self.active if s.adapter is not None}
         for row, stream in enumerate(self.active):
             if stream.adapter is not None:
-                keep = {s.adapter for s in self.active if s.adapter}
-                self.rows.slots[row] = self.stack.assign(stream.adapter, keep)
+                self.rows.slots[row] = self.stack.assign(stream.adapter, running)
 
     def forget_adapter(self, adapter: str) -> None:
         """An adapter no longer loaded: its slot is free."""

@@ -140,6 +140,8 @@ class BatchedDecoder:
         if self.steps and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.steps, self.built_for = {}, None
+        # a graph pool whose graphs are all gone cannot take a new capture: a fresh one
+        self.memory_pool = None
 
     def _step_for(
         self,
@@ -162,13 +164,14 @@ class BatchedDecoder:
 
     def _function(self) -> tuple[Callable, bool]:
         """The step to run (compiled or not) and whether it samples with per-row shortcuts
-        (eager only: they read the rows' settings on the host)."""
+        (a CPU's eager step only: they read the rows' settings on the host)."""
         if not self.use_compile:
-            return decode_step, not self.use_graphs
+            return decode_step, self.device.type == "cpu"
         if self.compiled_step is None:
-            # one compiled variant per (rows, attended): up to 6 x 5 of them
+            # shapes that change (rows, attended length, the pool's) compile once more, then
+            # as dynamic dimensions (torch.compile's automatic dynamic shapes)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+            self.compiled_step = torch.compile(decode_step, fullgraph=True)
         return self.compiled_step, False
 
     def _build(
@@ -210,7 +213,19 @@ class BatchedDecoder:
 
         def replay() -> None:
             with torch.inference_mode():
-                run()
+                try:
+                    run()
+                except Exception as error:
+                    if not self.use_compile:
+                        raise
+                    # a recompile (a new shape) that fails: eager from now on, this step too
+                    log(f"note: decoding without torch.compile ({_first_line(error)})")
+                    self.use_compile = False
+                    step.tokens, step.logits = decode_step(
+                        model, stack, pool, rows, attended, self.eos_token_id,
+                        self.device.type == "cpu",
+                    )  # fmt: skip
+                    self.reset()  # the other compiled steps go: built again, eager
 
         step.replay = replay
         return step

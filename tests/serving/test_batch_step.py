@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from src.serving.adapter_stack import AdapterStack, largest_rank
-from src.serving.batch_step import DecodeRows, KVPool, kv_bytes_per_token, prefill
+from src.serving.batch_step import DecodeRows, KVPool, decode_step, kv_bytes_per_token, prefill
 from src.serving.chat import ChatModel
 from src.serving.sampling import SamplingSettings, sample_rows
 from src.serving.scheduler import bucket_of
@@ -218,7 +218,7 @@ def test_cuda_graphs_replay_the_eager_steps(
     eager_decoder = BatchedDecoder(device, EOS_NEVER, graphs=False, compiled=compiled)
     eager = together(chat, streams, eager_decoder, device=device)
     graphed_decoder = BatchedDecoder(device, EOS_NEVER, graphs=True, compiled=compiled)
-    for _ in range(2):  # captured once, replayed after
+    for _ in range(2):  # captured on each new pool (a pool is new each time here)
         graphed = together(chat, streams, graphed_decoder, device=device)
         assert graphed[0] == eager[0]
         for ours, theirs in zip(graphed[1], eager[1], strict=True):
@@ -332,6 +332,86 @@ def test_the_pool_keeps_its_rows_when_it_grows_and_when_rows_move(tiny_model_dir
     grown.move_row(1, 0)
     for old, new in zip(before, grown.keys + grown.values, strict=True):
         assert torch.equal(new[0, :, :8], old[1])
+
+
+def test_warm_up_steps_leave_the_rows_as_they_were(two_adapters):
+    """A capture's (or a compile's) warm-up steps sample and advance the rows: undone."""
+    chat, (setup, other) = two_adapters
+    ids = prompts(chat, FACTS[:2])
+    stack = stack_of(chat)
+    pool = KVPool.empty(chat.model.config, 2, 64, torch.float32, CPU)
+    rows = DecodeRows.empty(2, chat.model.config.vocab_size, CPU)
+    for row, adapter in enumerate((setup, other)):
+        with chat.activate_for_prefill(adapter):
+            _, cache = prefill(chat.model, ids[row])
+        pool.write_prompt(row, cache)
+        rows.sampling.set_row(row, SamplingSettings(max_new_tokens=9), 7, ids[row])
+        rows.start(row, 5, len(ids[row]), stack.assign(adapter, set()))
+    state = [t.clone() for t in (rows.tokens, rows.positions, rows.sampling.produced,
+                                 rows.sampling.seen)]  # fmt: skip
+
+    def run():
+        with torch.inference_mode():
+            decode_step(chat.model, stack, pool, rows, 64, EOS_NEVER, True)
+
+    BatchedDecoder._without_advancing(rows, run, times=2)
+    after = (rows.tokens, rows.positions, rows.sampling.produced, rows.sampling.seen)
+    for before, now in zip(state, after, strict=True):
+        assert torch.equal(before, now)
+    run()
+    assert not torch.equal(state[1], rows.positions)  # (a step does advance them)
+
+
+def test_a_row_past_its_end_writes_only_its_own_last_slot(two_adapters):
+    """A row that ended in the step before (still in flight on a GPU) may run past the
+    attended length: it writes the last attended slot of its own row, nothing else."""
+    chat, _ = two_adapters
+    config = chat.model.config
+    pool = KVPool.empty(config, 2, 64, torch.float32, CPU)
+    for tensor in pool.keys + pool.values:
+        tensor.normal_()
+    before = [t.clone() for t in pool.keys + pool.values]
+    rows = DecodeRows.empty(2, config.vocab_size, CPU)
+    rows.start(0, 5, 10, -1)
+    rows.start(1, 5, 64 + 3, -1)  # past the pool's end
+    with torch.inference_mode():
+        decode_step(chat.model, None, pool, rows, 64, EOS_NEVER, True)
+    for old, new in zip(before, pool.keys + pool.values, strict=True):
+        changed = (old != new).any(-1).nonzero().tolist()  # (row, head, position)
+        assert {(row, position) for row, _, position in changed} == {(0, 10), (1, 63)}
+    assert rows.positions.tolist() == [11, 64]
+
+
+def test_adapters_of_other_ranks_and_scales_share_the_stack(two_adapters):
+    """A rank-32 adapter with a scale of 1.5 (not a power of two) beside the rank-16 ones:
+    the narrower ones zero-padded in the wider slots, each row as it decodes alone."""
+    from peft import LoraConfig
+
+    from src.modeling import LORA_TARGET_MODULES
+    from src.serving.chat import LoadedAdapter
+
+    chat, (setup, other) = two_adapters
+    wide = LoraConfig(r=32, lora_alpha=48, target_modules=LORA_TARGET_MODULES,
+                      init_lora_weights=False)  # fmt: skip
+    chat.model.add_adapter("wide", wide)
+    chat.loaded["wide"] = LoadedAdapter("wide", "wide", None)
+    try:
+        stack = stack_of(chat)
+        assert stack.rank_capacity == 32
+        ids = prompts(chat, FACTS[:3])
+        assert_same_streams(chat, [(ids[0], "wide"), (ids[1], setup), (ids[2], other)],
+                            stack=stack)  # fmt: skip
+        small = AdapterStack.build(chat.model, 2, 16)
+        assert small.covers(chat.model, setup) and not small.covers(chat.model, "wide")
+        small.assign(setup, set())
+        small.assign(other, set())
+        assert small.assign("late", {other}) == small.slot_of["late"] != small.slot_of[other]
+        assert setup not in small.slot_of  # the one no running row used gave its slot
+        with pytest.raises(RuntimeError, match="all 2 adapter slots are in use"):
+            small.assign(setup, {other, "late"})
+    finally:
+        chat.loaded.pop("wide")
+        chat.model.delete_adapter("wide")
 
 
 def test_predict_compile_says_when_the_step_is_compiled(monkeypatch):

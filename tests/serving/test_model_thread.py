@@ -1,11 +1,13 @@
 """The model's thread: jobs run on it one after another (results and errors come back to the
-caller), the decode loop after them; CPU threads give their OpenMP workers back."""
+caller), the decode loop after them, and jobs handed to it while the loop runs run between
+the loop's steps."""
 
+import queue
 import threading
 
 import pytest
 
-from src.serving.model_thread import ModelThread, release_openmp_team
+from src.serving.model_thread import ModelThread
 
 
 def test_jobs_run_on_the_model_thread_and_their_errors_come_back():
@@ -14,25 +16,24 @@ def test_jobs_run_on_the_model_thread_and_their_errors_come_back():
     with pytest.raises(ValueError, match="bad job"):
         thread.run(lambda: (_ for _ in ()).throw(ValueError("bad job")))
     assert thread.run(lambda: thread.run(lambda: 7)) == 7  # from the thread itself: inline
-    looping = threading.Event()
-    thread.start(lambda: (looping.set(), threading.Event().wait()))
-    assert looping.wait(10)
 
 
-def test_a_thread_gives_its_openmp_workers_back():
-    """torch's CPU build runs on OpenMP 5 (libgomp on Linux): the call is found and works."""
-    import torch
+def test_jobs_run_between_the_loop_s_steps_and_wake_it():
+    thread = ModelThread("test-loop")
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    steps = []
 
-    done = []
+    def loop() -> None:  # as the scheduler's: waits for work, idle, until woken
+        while True:
+            thread.run_pending()
+            inbox.get()
+            steps.append(threading.current_thread())
 
-    def work():
-        (torch.randn(200_000) * 2).sum()  # parallel work: a team for this thread
-        done.append(release_openmp_team())
-
-    worker = threading.Thread(target=work)
-    worker.start()
-    worker.join()
-    assert done == [True]
+    thread.start(loop, wake=lambda: inbox.put(None))
+    assert thread.run(threading.current_thread) is thread.thread  # while the loop idles
+    with pytest.raises(KeyError):
+        thread.run(lambda: {}["missing"])
+    assert steps and set(steps) == {thread.thread}
 
 
 def test_the_chat_model_is_loaded_on_the_thread_that_decodes(base_model_env, facts_archive):
@@ -41,3 +42,4 @@ def test_the_chat_model_is_loaded_on_the_thread_that_decodes(base_model_env, fac
     chat = ChatModel(str(facts_archive))
     assert chat.scheduler.model_thread is chat.model_thread
     assert chat.model_thread.thread.name == "model"
+    assert chat.model_thread.run(threading.current_thread) is chat.model_thread.thread

@@ -183,3 +183,32 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero():
     counts = torch.bincount(tokens, minlength=6).float()
     assert counts[[0, 2, 5]].sum() == 0
     torch.testing.assert_close(counts / 4000, probabilities[0], atol=0.03, rtol=0)
+
+
+def test_a_seed_s_numbers_are_pinned():
+    """The hash's numbers, fixed: a seed gives these on every device and every version (the
+    high 32 bits of the seed count as much as the low ones)."""
+    seed = 26439743089684537  # high bits set
+    rows = torch.tensor([[seed >> 32, seed & 0xFFFFFFFF]]).expand(4, 2)
+    expected = [0.11997050046920776, 0.6876344680786133, 0.08808863162994385, 0.5227187275886536]
+    assert uniforms(rows, torch.arange(4)).tolist() == expected
+    other_high = torch.tensor([[(seed >> 32) ^ 1, seed & 0xFFFFFFFF]])
+    assert uniforms(other_high, torch.tensor([0])).item() != expected[0]
+    assert uniforms(torch.tensor([[0, 0]]), torch.tensor([0])).item() != 0  # no fixed point
+
+
+def test_a_draw_on_a_boundary_never_takes_a_token_of_probability_zero():
+    probabilities = torch.tensor([[0.5, 0.0, 0.5]])
+    assert draw(probabilities, torch.tensor([0.5])).tolist() == [2]  # not 1, whose p is 0
+    assert draw(probabilities, torch.tensor([0.0])).tolist() == [0]
+
+
+def test_a_row_taken_anew_forgets_its_last_stream_and_rows_move_whole():
+    rows = rows_for(SETTINGS[:2], [[5, 6], [7]])
+    rows.produced[0] = 3
+    rows.set_row(0, SETTINGS[2], 99, [8])
+    assert rows.seen[0].nonzero().flatten().tolist() == [8] and rows.produced[0] == 0
+    before = {name: getattr(rows, name)[1].clone() for name in vars(rows)}
+    rows.move_row(1, 0)
+    for name, value in before.items():
+        assert torch.equal(getattr(rows, name)[0], value), name

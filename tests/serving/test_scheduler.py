@@ -14,6 +14,8 @@ import torch
 
 import src.serving.chat
 from src.serving.chat import ChatModel, build_chat_request
+from src.serving.generation import GenerationStats
+from src.serving.scheduler import Channel
 from tests.helpers import FACTS, GREEDY_INPUTS, OTHER_FACTS, wait_for
 
 LONG = dict(max_new_tokens=60, min_new_tokens=60)  # long enough for the streams to overlap
@@ -108,6 +110,93 @@ def test_pipelined_steps_answer_as_steps_read_at_once(chat, other_facts_archive)
     finally:
         chat.scheduler.pipelined = False
     assert not chat.in_use and not chat.scheduler.active
+
+
+def test_a_stream_crossing_the_attended_length_decodes_as_generate(chat):
+    """A prompt of about 250 tokens and 30 new ones: its steps attend to 256 positions, then
+    to 512, as far as the stream has reached; greedy, its tokens are transformers'."""
+    prompt = " ".join(["llamas graze in the high Andes"] * 27)
+    new = dict(max_new_tokens=30, min_new_tokens=30)
+    stats = GenerationStats()
+    answer = "".join(chat.chat(request(prompt, **new), stats))
+    prepared = chat.prepare(request(prompt, **new))
+    assert len(prepared.prompt_ids) < 256 < len(prepared.prompt_ids) + 30
+    with chat.activate_for_prefill(chat.setup_name), torch.inference_mode():
+        ids = torch.tensor([prepared.prompt_ids])
+        out = chat.model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False,
+                                  pad_token_id=0)  # fmt: skip
+    chat._release(prepared, False)
+    expected = chat.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert stats.output_tokens == 30 and answer == expected.strip()
+
+
+def test_an_adapter_of_a_wider_rank_joins_running_rows(chat):
+    """A stream whose adapter needs more slots and a wider rank than the stack has joins
+    streams that are running: the stack is built anew under them, each still gets what it
+    gets alone."""
+    from peft import LoraConfig
+
+    from src.modeling import LORA_TARGET_MODULES
+    from src.serving.chat import LoadedAdapter, PreparedRequest
+
+    only_the_setup_adapter(chat)
+    wide = LoraConfig(r=32, lora_alpha=48, target_modules=LORA_TARGET_MODULES,
+                      init_lora_weights=False)  # fmt: skip
+    chat.model.add_adapter("wide", wide)
+    chat.loaded["wide"] = LoadedAdapter("wide", "wide", None)
+
+    def with_wide(prompt: str) -> PreparedRequest:
+        base = chat.prepare(request(prompt, **LONG))
+        return PreparedRequest(base.request, base.prompt_ids, base.settings, "wide", None,
+                               None, None)  # fmt: skip
+
+    def answer(prepared) -> str:
+        channel = Channel()
+        _, reader = chat._submit(prepared, channel, GenerationStats())
+        pieces = []
+        while True:
+            piece, done = reader.take(channel.get())
+            pieces.append(piece)
+            if done:
+                return "".join(pieces)
+
+    try:
+        longer = dict(max_new_tokens=200, min_new_tokens=200)  # still running when it joins
+        alone = [answer(chat.prepare(request(FACTS[0][0], **longer))), answer(with_wide("Hi."))]
+        versions = []
+        started = threading.Event()
+
+        def setup_stream():
+            prepared = chat.prepare(request(FACTS[0][0], **longer))
+            channel = Channel()
+            _, reader = chat._submit(prepared, channel, GenerationStats())
+            pieces = [reader.take(channel.get())[0]]
+            started.set()  # running: the wide one joins it
+            while True:
+                piece, done = reader.take(channel.get())
+                pieces.append(piece)
+                if done:
+                    results[0] = "".join(pieces)
+                    return
+
+        results = [None, None]
+        chat.scheduler.stack = None  # a stack of one slot, rank 16: the setup adapter's
+        chat.scheduler.most_rows = 0
+        first = threading.Thread(target=setup_stream)
+        first.start()
+        assert started.wait(60)
+        wait_for(lambda: chat.scheduler.stack is not None, 30)  # (its slot comes after)
+        assert chat.scheduler.stack.capacity == 1
+        versions.append(chat.scheduler.stack.version)
+        results[1] = answer(with_wide("Hi."))
+        first.join(60)
+        assert results == alone and chat.scheduler.most_rows == 2  # they ran together
+        assert chat.scheduler.stack.version > versions[0]  # built anew under the running row
+        assert chat.scheduler.stack.rank_capacity == 32 and chat.scheduler.stack.capacity == 2
+    finally:
+        chat.loaded.pop("wide")
+        chat.model.delete_adapter("wide")
+        chat.scheduler.forget_adapter("wide")
 
 
 def test_over_the_kv_budget_requests_wait_their_turn(base_model_env, facts_archive, monkeypatch):
