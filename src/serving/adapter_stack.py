@@ -22,10 +22,12 @@ training's fused forward does: served tokens are held to the trained model's log
 what bf16 itself costs (tests/serving/test_batch_step.py), and a bf16 branch overshot that
 bound by 7 to 9% on the tests' adapters. The input's fp32 copy is a few kilobytes a step.
 
-The buffers have a fixed number of slots, so a CUDA graph captured over them stays valid
-while adapters come and go: loading one writes its weights into a free slot in place. Only
-a new rank beyond the largest, or an adapter on projections the stack does not cover,
-builds the buffers anew (`version` changes; the step graphs go).
+The buffers have a fixed number of slots (as many as adapters have run at once: a step reads
+every slot), so a CUDA graph captured over them stays valid while adapters come and go:
+loading one writes its weights into a free slot in place, or into the slot of one no running
+row uses. Only one more adapter running at once than there are slots, a rank beyond the
+widest, or an adapter on projections the stack does not cover builds the buffers anew
+(`version` changes; the step graphs go; src/serving/scheduler.py decides).
 """
 
 from dataclasses import dataclass, field

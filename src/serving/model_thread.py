@@ -7,10 +7,11 @@ that loaded the model and the scheduler's), their workers outnumber the cores an
 wait spinning between kernels: each small parallel kernel then pays for waking its workers.
 Measured on a 2-core CPU (torch 2.13): one decode step of the tiny model took 3.4 ms on the
 thread that had loaded the model and 10.6 ms on another thread (100M model: 20.5 against
-33.6 ms); loaded and decoded on the same thread, 3.3 and 20.6 ms. So the model is loaded on
-this thread, the scheduler's loop runs on it after (src/serving/scheduler.py), and the
-torch work of a request's adapter checks is handed to it too (`run`: between two decode
-steps). (Freeing another thread's OpenMP workers instead, with omp_pause_resource_all, hung
+33.6 ms); loaded and decoded on the same thread, 3.3 and 20.6 ms. Even filling the
+scheduler's row buffers (a zero fill of 16 x 32,000 values is parallel work) on Cog's thread
+made the steps 2x slower. So the model is loaded on this thread, the scheduler's buffers are
+made and its loop runs on it (src/serving/scheduler.py), and the torch work of a request's
+adapter checks is handed to it too (`run`: between two decode steps). (Freeing another thread's OpenMP workers instead, with omp_pause_resource_all, hung
 a decode step's matmul in a barrier: not that.) GPU work does not care which thread
 launches it.
 """

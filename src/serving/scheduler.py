@@ -154,7 +154,6 @@ class Scheduler:
         self.active: list[Stream] = []  # active[i] decodes in row i of the pool
         self.pool: KVPool | None = None
         self.eos_token_id = eos_token_id
-        self.rows = DecodeRows.empty(max_rows, config.vocab_size, self.device)
         self.adapter_slots = adapter_slots
         self.stack: AdapterStack | None = None  # built when a row first uses an adapter
         self.decoder = BatchedDecoder(self.device, eos_token_id)
@@ -162,8 +161,12 @@ class Scheduler:
         self.in_flight: tuple[list[Stream], LaunchedStep] | None = None
         self.steps = 0
         self.most_rows = 0  # the most rows a step has run (the benchmarks and tests read it)
-        # the loop runs on the thread that loaded the model (src/serving/model_thread.py)
+        # the loop runs on the thread that loaded the model (src/serving/model_thread.py),
+        # and its buffers are made there: filling them is parallel CPU work too
         self.model_thread = model_thread or ModelThread("decode-scheduler")
+        self.rows = self.model_thread.run(
+            lambda: DecodeRows.empty(max_rows, config.vocab_size, self.device)
+        )
         self.model_thread.start(self._run, self.wake)
 
     def submit(self, stream: Stream) -> Stream:
