@@ -11,9 +11,9 @@ thread that had loaded the model and 10.6 ms on another thread (100M model: 20.5
 scheduler's row buffers (a zero fill of 16 x 32,000 values is parallel work) on Cog's thread
 made the steps 2x slower. So the model is loaded on this thread, the scheduler's buffers are
 made and its loop runs on it (src/serving/scheduler.py), and the torch work of a request's
-adapter checks is handed to it too (`run`: between two decode steps). (Freeing another thread's OpenMP workers instead, with omp_pause_resource_all, hung
-a decode step's matmul in a barrier: not that.) GPU work does not care which thread
-launches it.
+adapter checks is handed to it too (`run`: between two decode steps). (Freeing the other
+threads' OpenMP workers instead, with omp_pause_resource_all, hung a decode step's matmul
+in a barrier: not that.) GPU work does not care which thread launches it.
 """
 
 import queue
