@@ -118,10 +118,6 @@ class DecodeRows:
 
         return cls(zeros(), zeros(), zeros() - 1, SamplingRows.empty(rows, vocab, device))
 
-    @property
-    def capacity(self) -> int:
-        return self.tokens.shape[0]
-
     def first(self, rows: int) -> "DecodeRows":
         """Rows 0..rows-1, as views: a step over them advances these buffers."""
         return DecodeRows(

@@ -23,13 +23,12 @@ capture that fails for another reason than memory falls back (eager, or without 
 good, said once in the log.
 """
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from src.errors import UserInputError
+from src.inputs import auto_switch
 from src.log import log
 from src.serving.adapter_stack import AdapterStack
 from src.serving.batch_step import DecodeRows, KVPool, decode_step
@@ -40,19 +39,27 @@ COMPILE_VARIABLE = "PREDICT_COMPILE"  # auto (default): on CUDA; 1: always; 0: n
 
 
 def compile_wanted(device: torch.device) -> bool:
-    setting = os.environ.get(COMPILE_VARIABLE, "auto").strip().lower()
-    if setting not in ("auto", "1", "0"):
-        raise UserInputError(f"{COMPILE_VARIABLE} must be auto, 1 or 0, got {setting!r}")
+    setting = auto_switch(COMPILE_VARIABLE)
     return device.type == "cuda" if setting == "auto" else setting == "1"
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one step runs over: the model, its adapter stack, the KV pool, the views of the
+    rows it runs (padded) and the KV positions it attends to."""
+
+    model: torch.nn.Module
+    stack: AdapterStack | None
+    pool: KVPool
+    rows: DecodeRows
+    attended: int
 
 
 @dataclass
 class StepGraph:
     """A step over static inputs (the rows' buffers): `replay`, then read `tokens`."""
 
-    rows: DecodeRows  # the views of the rows it runs
-    pool: KVPool  # the pool it was captured on (kept alive while the graph is)
-    stack: AdapterStack | None  # likewise
+    inputs: StepInputs  # (the pool and stack kept alive while the graph is)
     tokens: torch.Tensor | None  # (rows,), overwritten by every replay
     logits: torch.Tensor | None  # (rows, V), likewise
     replay: Callable[[], None]
@@ -122,7 +129,7 @@ class BatchedDecoder:
         """Enqueue the next token of rows 0..active-1; read it from the LaunchedStep."""
         padded = padded_rows(active, pool.rows)
         attended = attended_length(last_position, pool.length)
-        step = self._step_for(model, stack, pool, rows.first(padded), attended)
+        step = self._step_for(StepInputs(model, stack, pool, rows.first(padded), attended))
         step.replay()
         assert step.tokens is not None and step.logits is not None
         logits = step.logits[:active].clone() if keep_logits else None
@@ -143,23 +150,18 @@ class BatchedDecoder:
         # a graph pool whose graphs are all gone cannot take a new capture: a fresh one
         self.memory_pool = None
 
-    def _step_for(
-        self,
-        model: torch.nn.Module,
-        stack: AdapterStack | None,
-        pool: KVPool,
-        rows: DecodeRows,
-        attended: int,
-    ) -> StepGraph:
+    def _step_for(self, inputs: StepInputs) -> StepGraph:
+        stack = inputs.stack
         built_for = (
-            id(model), id(pool), rows.tokens.data_ptr(), id(stack), stack and stack.version
+            id(inputs.model), id(inputs.pool), inputs.rows.tokens.data_ptr(), id(stack),
+            stack and stack.version,
         )  # fmt: skip
         if built_for != self.built_for:  # a new pool (grown, after an idle spell), model or stack
             self.reset()
             self.built_for = built_for
-        key = (rows.tokens.shape[0], attended)
+        key = (inputs.rows.tokens.shape[0], inputs.attended)
         if key not in self.steps:
-            self.steps[key] = self._build(model, stack, pool, rows, attended)
+            self.steps[key] = self._build(inputs)
         return self.steps[key]
 
     def _function(self) -> tuple[Callable, bool]:
@@ -174,16 +176,16 @@ class BatchedDecoder:
             self.compiled_step = torch.compile(decode_step, fullgraph=True)
         return self.compiled_step, False
 
-    def _build(
-        self,
-        model: torch.nn.Module,
-        stack: AdapterStack | None,
-        pool: KVPool,
-        rows: DecodeRows,
-        attended: int,
-    ) -> StepGraph:
-        step = StepGraph(rows, pool, stack, None, None, lambda: None)
+    def _build(self, inputs: StepInputs) -> StepGraph:
+        step = StepGraph(inputs, None, None, lambda: None)
         function, shortcuts = self._function()
+        model, stack, pool, rows, attended = (
+            inputs.model,
+            inputs.stack,
+            inputs.pool,
+            inputs.rows,
+            inputs.attended,
+        )
 
         def run() -> None:
             step.tokens, step.logits = function(
@@ -199,7 +201,7 @@ class BatchedDecoder:
             except Exception as error:  # an operation the compiler cannot take, on some stack
                 log(f"note: decoding without torch.compile ({_first_line(error)})")
                 self.use_compile = False
-                return self._build(model, stack, pool, rows, attended)
+                return self._build(inputs)
         if self.use_graphs:
             try:
                 self._capture(step, rows, run)
@@ -209,7 +211,7 @@ class BatchedDecoder:
             except RuntimeError as error:  # a kernel that cannot be captured, on some stack
                 log(f"note: batched decoding without CUDA graphs ({_first_line(error)})")
                 self.use_graphs = False
-                return self._build(model, stack, pool, rows, attended)
+                return self._build(inputs)
 
         def replay() -> None:
             with torch.inference_mode():

@@ -29,7 +29,6 @@ transformers' GradientCheckpointingLayer does on its own (the layer keeps its in
 and runs again in backward), so the memory plan's checkpointed passes stay checkpointed.
 """
 
-import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from transformers.models.llama.modeling_llama import (
 
 from src.attention import PackedSegments
 from src.base_model import keep_compiler_caches_out_of_tmp
+from src.inputs import auto_switch
 from src.log import log
 
 ENABLE_VARIABLE = "TRAIN_COMPILE"  # auto | 1 | 0
@@ -55,12 +55,7 @@ PROBE_TOKENS = 2048  # at most, in the probe's pass (its size hint for inductor)
 
 def compile_setting() -> str:
     """`auto`, `1` or `0`, from TRAIN_COMPILE (unset: auto)."""
-    value = os.environ.get(ENABLE_VARIABLE, "auto").strip().lower() or "auto"
-    aliases = {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}
-    value = aliases.get(value, value)
-    if value not in ("auto", "1", "0"):
-        raise ValueError(f"{ENABLE_VARIABLE} must be auto, 1 or 0, got {value!r}")
-    return value
+    return auto_switch(ENABLE_VARIABLE)
 
 
 # The arithmetic of transformers' LlamaRMSNorm, apply_rotary_pos_emb and LlamaMLP's

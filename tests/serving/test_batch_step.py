@@ -252,7 +252,7 @@ def test_a_row_s_projection_in_bf16_is_peft_s(base_model_env, archive, request, 
     stack = stack_of(chat)
     select = stack.selection(torch.tensor([stack.assign(name, set()), -1]))
     generator = torch.Generator().manual_seed(0)
-    checked = exact = 0
+    checked = 0
     with torch.inference_mode(), chat.activate_for_prefill(name):
         layers = chat.model.base_model.model.model.layers
         for layer, stacked in zip(layers, stack.layers, strict=True):
@@ -271,12 +271,11 @@ def test_a_row_s_projection_in_bf16_is_peft_s(base_model_env, archive, request, 
                     # run in another order (a wider matmul): one bf16 step at most
                     ulp = peft.abs().max() * 2**-7
                     assert (ours[n][:1] - peft).abs().max() <= ulp
-                    exact += int(torch.equal(ours[n][:1], peft))
                     assert not torch.equal(peft, module.base_layer(x[:1]))  # it does matter
                     assert torch.equal(ours[n][1:], base)  # the row without one: the base
                     checked += 1
-    assert checked == 7 * 4
-    assert exact >= checked * 3 // 4  # mostly bit for bit
+    assert checked == 7 * 4  # (bit for bit in 27 or 28 of them on the development CPU: how
+    # many depends on the CPU's bf16 kernels, so it is not asserted)
 
 
 @pytest.mark.parametrize("archive", ["facts_archive", "qlora_archive"], ids=["lora", "qlora"])
@@ -425,8 +424,8 @@ def test_predict_compile_says_when_the_step_is_compiled(monkeypatch):
     assert compile_wanted(CPU)
     monkeypatch.setenv("PREDICT_COMPILE", "0")
     assert not compile_wanted(cuda)
-    monkeypatch.setenv("PREDICT_COMPILE", "yes")
-    with pytest.raises(UserInputError, match="PREDICT_COMPILE must be auto, 1 or 0, got 'yes'"):
+    monkeypatch.setenv("PREDICT_COMPILE", "sometimes")
+    with pytest.raises(UserInputError, match="PREDICT_COMPILE must be auto, 1 or 0, got 'som"):
         compile_wanted(cuda)
 
 
