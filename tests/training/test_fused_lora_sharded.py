@@ -106,8 +106,10 @@ def test_sharded_lora_parameters_train_as_one_process_does(tiny_model_dir, halve
         loss.backward()
         losses.append(loss.detach())
     want = {n: p.grad / WORLD for n, p in model.named_parameters() if p.grad is not None}
+    # (a loss is a sum over some 500 tokens: the order of its fp32 additions may follow the
+    # CPU's thread split, which another process under load may choose otherwise)
     assert [float(x) for x in sharded["losses"]] == pytest.approx(
-        [float(x) for x in losses], rel=1e-6
+        [float(x) for x in losses], rel=1e-5
     )
     assert sharded["grads"].keys() == want.keys() and len(want) == 4 * 7 * 2
     for name, grad in want.items():
