@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import warnings
@@ -24,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging as hf_logging
 
 from src import attention
+from src.seeds import derive_seed
 
 # All linear projections of a Llama decoder layer: attention and MLP.
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -178,6 +180,24 @@ def add_lora(
     model.disable_input_require_grads()  # only reentrant checkpointing needs grads at the input
     set_activation_checkpointing(peft_model, False)
     return peft_model
+
+
+def init_lora_weights(model: PeftModel, seed: int) -> None:
+    """Draw a fresh adapter's weights as peft does (A: Kaiming-uniform, B: zeros), each A
+    from its own generator seeded by the training's seed and the parameter's name: so the
+    values do not depend on where or how the model was built (a meta-device model sharded
+    over ranks draws the same ones as a whole model on one device)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if ".lora_B." in name:
+                parameter.zero_()
+            elif ".lora_A." in name:
+                generator = torch.Generator().manual_seed(derive_seed(seed, "lora init", name))
+                values = torch.empty(parameter.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+                parameter.copy_(values)
 
 
 def keep_4bit_weights_trainable(model: PreTrainedModel) -> None:

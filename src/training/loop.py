@@ -37,7 +37,7 @@ from src.training.batching import (
     steps_per_epoch,
 )
 from src.training.config import TrainConfig
-from src.training.distributed import World, broadcast_flag, sum_over_ranks
+from src.training.distributed import World, broadcast_flag, most_over_ranks, sum_over_ranks
 from src.training.fused_loss import training_loss_sum
 from src.training.memory import ForwardPlan, out_of_memory
 from src.training.tracking import Tracker
@@ -94,8 +94,9 @@ def train_adapter(
     """Train the LoRA parameters of `model` in place; return the measured history; `prompt`
     is answered after each epoch.
 
-    With several ranks, each runs this loop on its share of every step; rank 0 validates,
-    and decides (keep_best_epoch, early_stopping_patience) for every rank.
+    With several ranks, each runs this loop on its share of every step and validates its
+    share of the validation rows; rank 0 logs, and decides (keep_best_epoch,
+    early_stopping_patience) for every rank.
     """
     tracker = tracker or Tracker()
     total_steps = (
@@ -141,10 +142,10 @@ def train_adapter(
                 )
             result.epochs_run = epoch + 1
             stop = False
+            loss = _end_of_epoch(
+                model, tokenizer, validation_rows, config, step, result, epoch, prompt
+            )
             if world.is_main:
-                loss = _end_of_epoch(
-                    model, tokenizer, validation_rows, config, step, result, epoch, prompt
-                )
                 stop = config.chooses_epochs and choice.after_epoch(epoch + 1, loss, model)
             if config.chooses_epochs and broadcast_flag(stop, world, device):
                 break
@@ -268,7 +269,10 @@ class _Step:
         sync. A non-finite one makes no update (the caller stops)."""
         self.model.train()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        loss = accumulate_gradients(self.model, batches, step_targets, self.device, self.forwards)
+        fillers = self._fillers(batches)
+        loss = accumulate_gradients(
+            self.model, batches, step_targets, self.device, self.forwards, fillers
+        )
         if self.world.size > 1:
             for parameter in parameters:  # a rank with no rows in this step adds zeros
                 if parameter.grad is None:
@@ -281,6 +285,22 @@ class _Step:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, norm_value
+
+    def _fillers(self, batches: list[MicroBatch]) -> list[MicroBatch]:
+        """In lockstep, the passes of zero weight that bring this rank to as many passes as
+        the rank with the most in this step (one host sync, on the count)."""
+        if not self.forwards.lockstep or self.world.size == 1:
+            return []
+        passes = sum(1 for batch in batches if batch.num_targets)
+        most = most_over_ranks(passes, self.world, self.device)
+        return [filler_batch(self.rows)] * (most - passes)
+
+
+def filler_batch(rows: Rows) -> MicroBatch:
+    """A pass for a rank short of passes: the shortest row with a supervised token."""
+    supervised = np.flatnonzero(rows.num_targets > 0)
+    shortest = supervised[np.argmin(rows.lengths[supervised])]
+    return collate(rows, np.array([shortest], np.int64))
 
 
 def non_finite_step(
@@ -302,6 +322,7 @@ def accumulate_gradients(
     step_targets: int,
     device: torch.device,
     forwards: ForwardPlan | None = None,
+    fillers: list[MicroBatch] = (),  # type: ignore[assignment]
 ) -> torch.Tensor:
     """Backward over the forward passes of one step; return their share of the step's mean loss,
     on the device (read once per step, not once per pass: each read waits for the GPU).
@@ -309,6 +330,8 @@ def accumulate_gradients(
     Each pass's loss sum is divided by the supervised tokens of the whole step (over all passes
     and ranks), so the accumulated gradient is that of the mean over the step's tokens, however
     the step is split. A pass longer than the plan's limit runs with activation checkpointing.
+    `fillers` run forward and backward with weight zero (lockstep): they add exact zeros to
+    the gradients and leave the random state (dropout) as it was.
     """
     total = torch.zeros((), dtype=torch.float32, device=device)
     for batch in batches:
@@ -319,6 +342,11 @@ def accumulate_gradients(
         loss = supervised_loss_sum(model, batch, device) / step_targets
         loss.backward()
         total += loss.detach()
+    for batch in fillers:
+        if forwards is not None:
+            set_activation_checkpointing(model, forwards.checkpoint(batch.num_real_tokens))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            (supervised_loss_sum(model, batch, device) * 0.0).backward()
     return total
 
 
@@ -346,19 +374,43 @@ def validation_loss(
     batch_size: int,
     device: torch.device,
     forward_tokens: int | None = None,
+    world: World | None = None,
+    lockstep: bool = False,
 ) -> float:
     """Token-weighted mean loss over the validation rows, masked as in training; a batch of
-    rows runs in passes of at most `forward_tokens` tokens (whole rows)."""
+    rows runs in passes of at most `forward_tokens` tokens (whole rows). With several ranks
+    each takes every world.size-th batch, and the loss sums and token counts are summed: the
+    same figure as one process's. In `lockstep` a rank short of passes runs more, unused."""
     model.eval()
-    loss_sum, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
+    world = world or World()
+    passes = validation_passes(rows, batch_size, forward_tokens, world.size)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for group in passes[world.rank]:
+        batch = collate(rows, group)
+        loss_sum += supervised_loss_sum(model, batch, device).double()
+        count += batch.num_targets
+    if lockstep:
+        for _ in range(max(map(len, passes)) - len(passes[world.rank])):
+            supervised_loss_sum(model, filler_batch(rows), device)
+    totals = torch.stack([loss_sum, torch.tensor(float(count), device=device).double()])
+    sum_over_ranks([totals], world)
+    total_loss, total_count = totals.tolist()
+    return total_loss / max(total_count, 1.0)
+
+
+def validation_passes(
+    rows: Rows, batch_size: int, forward_tokens: int | None, ranks: int
+) -> list[list[np.ndarray]]:
+    """Each rank's validation passes (those with a supervised token): batch b to rank
+    b % ranks. Every rank computes all of them, so each knows how many the others run."""
+    passes: list[list[np.ndarray]] = [[] for _ in range(ranks)]
+    for index, start in enumerate(range(0, len(rows), batch_size)):
         batch_rows = np.arange(start, min(start + batch_size, len(rows)))
         for group in forward_groups(rows, batch_rows, forward_tokens):
-            batch = collate(rows, group)
-            if batch.num_targets:
-                loss_sum += supervised_loss_sum(model, batch, device).item()  # not a training step
-                count += batch.num_targets
-    return loss_sum / max(count, 1)
+            if rows.num_targets[group].sum():
+                passes[index % ranks].append(group)
+    return passes
 
 
 @dataclass(frozen=True)
@@ -388,9 +440,15 @@ def validation_prompt(
 
 @torch.no_grad()
 def answer_prompt(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], device: torch.device
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int],
+    device: torch.device,
+    lockstep: bool = False,
 ) -> str:
-    """Greedy answer to a prompt's token ids (BOS and the chat format included)."""
+    """Greedy answer to a prompt's token ids (BOS and the chat format included). In
+    `lockstep` every rank generates it, steps kept together until all have ended
+    (transformers' synced_gpus, made for sharded models)."""
     model.eval()
     output = model.generate(
         input_ids=torch.tensor([ids], device=device),
@@ -399,6 +457,7 @@ def answer_prompt(
         do_sample=False,
         use_cache=True,
         pad_token_id=tokenizer.eos_token_id,
+        synced_gpus=lockstep,
     )
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
 
@@ -413,8 +472,9 @@ def _end_of_epoch(
     epoch: int,
     prompt: ValidationPrompt | None,
 ) -> float:
-    """Validation loss (NaN without validation rows) and the validation prompt's answer."""
-    device = step.device
+    """Validation loss (NaN without validation rows) and the validation prompt's answer, on
+    every rank (each its share of the rows; the answer on rank 0, or on all in lockstep)."""
+    device, world, lockstep = step.device, step.world, step.forwards.lockstep
     loss = math.nan
     if len(validation_rows):
         loss = validation_loss(
@@ -423,6 +483,8 @@ def _end_of_epoch(
             config.validation_batch_size,
             device,
             step.forwards.validation_tokens,
+            world,
+            lockstep,
         )
         result.validation_losses.append((result.steps, loss))
         log(
@@ -430,8 +492,8 @@ def _end_of_epoch(
             f"perplexity {math.exp(min(loss, 50)):.2f}"
         )
     reported: dict = {} if math.isnan(loss) else {"loss": loss}
-    if prompt is not None:
-        answer = answer_prompt(model, tokenizer, prompt.ids, device)
+    if prompt is not None and (world.is_main or lockstep):
+        answer = answer_prompt(model, tokenizer, prompt.ids, device, lockstep and world.size > 1)
         result.validation_answers.append(answer)
         log(f"validation prompt: {prompt.text!r}\nmodel answer: {answer!r}")
         reported |= {"prompt": prompt.text, "answer": answer}

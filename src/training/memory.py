@@ -80,6 +80,7 @@ UNFUSED_LOSS_BYTES_PER_VOCAB = 4.0
 ALLOCATOR_SHARE = {False: 0.08, True: 0.20}
 HEADROOM = GIB
 PROCESS_GROUP_HEADROOM = GIB  # NCCL's buffers, some allocated at the first collective
+GATHERED_LAYERS = 2  # under FSDP2: the layer computing and the next one, prefetched
 MAX_TOKENS_PER_FORWARD = 32_768  # beyond this a pass is no faster per token
 CPU_FORWARD_TOKENS = 1024  # on a CPU, passes of about a thousand tokens run fastest
 
@@ -93,6 +94,17 @@ class ModelShape:
     parameters: int  # of the base model
     lora_parameters_per_rank: int  # of an adapter on every linear layer (modeling)
     context_window: int = 4096
+    tied_embeddings: bool = False
+
+    @property
+    def layer_parameters(self) -> int:
+        """Of one decoder layer (the base's parameters but its embeddings and final norm)."""
+        return (self.parameters - self.embedding_parameters - self.hidden) // self.layers
+
+    @property
+    def embedding_parameters(self) -> int:
+        """The input embeddings and, untied, the output head."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
     @classmethod
     def of(cls, config: dict) -> "ModelShape":
@@ -105,7 +117,8 @@ class ModelShape:
         parameters = layers * per_layer + embeddings + hidden
         context = config.get("max_position_embeddings", 4096)
         per_rank = lora_parameters(config, rank=1)
-        return cls(hidden, mlp, layers, vocab, parameters, per_rank, context)
+        tied = bool(config.get("tie_word_embeddings"))
+        return cls(hidden, mlp, layers, vocab, parameters, per_rank, context, tied)
 
 
 @dataclass(frozen=True)
@@ -117,9 +130,14 @@ class MemoryModel:
     lora_rank: int
     fused_lora: bool = True  # the training's LoRA forward (src/training/fused_lora.py)
     fused_loss: bool = True  # the training's loss (src/training/fused_loss.py)
+    shards: int = 1  # the processes the base is sharded over (FSDP2); 1: the whole base
 
     @property
     def weights(self) -> int:
+        """The base's bytes on one device: all of it, or under FSDP2 its share of every
+        decoder layer, the layers gathered at a time and what stays whole (see `sharded`)."""
+        if self.shards > 1:
+            return self.sharded_weights
         shape = self.shape
         linear = shape.parameters - shape.vocab * shape.hidden * 2 - shape.hidden
         if not self.quantized:
@@ -127,6 +145,22 @@ class MemoryModel:
         # NF4: half a byte per weight, one 8-bit scale per 64 (double quantisation), their
         # own fp32 scales, some slack; embeddings, norms and head stay in bf16.
         return int(linear * 0.53) + 2 * (shape.parameters - linear)
+
+    @property
+    def sharded_weights(self) -> int:
+        """bf16 (4-bit bases are never sharded: src/training/parallelism.py). Each rank keeps
+        1/shards of the decoder layers; FSDP2 gathers a layer whole for its forward and
+        backward and fetches the next one meanwhile (GATHERED_LAYERS); the root's
+        embeddings and norm stay gathered between forward and backward (FSDP2's root is not
+        resharded after its forward); the output head is not sharded, as the loss reads its
+        weight directly (src/training/sharding.py)."""
+        shape = self.shape
+        layers = shape.layers * shape.layer_parameters
+        root = shape.vocab * shape.hidden + shape.hidden
+        head = shape.embedding_parameters - shape.vocab * shape.hidden
+        stored = -(-(layers + root) // self.shards)
+        gathered = GATHERED_LAYERS * shape.layer_parameters + root
+        return 2 * (stored + gathered + head)
 
     @property
     def lora_parameters(self) -> int:
@@ -199,6 +233,9 @@ class ForwardPlan:
     validation_tokens: int | None = None  # tokens per validation pass (no gradients)
     estimated_peak: int | None = None
     budget: int | None = None
+    # Every rank runs as many passes as every other (a rank short of them runs passes of
+    # zero weight): under FSDP2 each pass gathers weights from all the ranks.
+    lockstep: bool = False
 
     def checkpoint(self, tokens: int) -> bool:
         """A pass over the limit (a lone long segment) is checkpointed where memory demands
@@ -317,11 +354,20 @@ def plan_for_device(
     """The plan on this process's device: its free memory on a GPU (less what a process group
     still allocates); on a CPU, passes of CPU_FORWARD_TOKENS (speed, not memory, decides)."""
     if placement.device.type != "cuda":
-        return ForwardPlan(CPU_FORWARD_TOKENS, validation_tokens=CPU_FORWARD_TOKENS)
+        return CPU_PLAN
     model = memory_model_for(model_config, quantized, lora_rank)
-    free, _ = torch.cuda.mem_get_info(placement.device)
-    budget = memory_budget(free) - (PROCESS_GROUP_HEADROOM if processes > 1 else 0)
+    budget = device_budget(placement, processes)
     return plan_forwards(model, budget, longest, longest_validation)
+
+
+CPU_PLAN = ForwardPlan(CPU_FORWARD_TOKENS, validation_tokens=CPU_FORWARD_TOKENS)
+
+
+def device_budget(placement: Placement, processes: int) -> int:
+    """What a training may use of this process's GPU: its free memory (or the operator's
+    budget), less what a process group still allocates."""
+    free, _ = torch.cuda.mem_get_info(placement.device)
+    return memory_budget(free) - (PROCESS_GROUP_HEADROOM if processes > 1 else 0)
 
 
 def out_of_memory(plan: ForwardPlan, error: BaseException) -> UserInputError:

@@ -22,12 +22,14 @@ from src.artifact import (
     portable_adapter_config,
     write_archive,
 )
-from src.base_model import keep_compiler_caches_out_of_tmp, resolve_base_model
+from src.base_model import BaseModel, keep_compiler_caches_out_of_tmp, resolve_base_model
 from src.errors import UserInputError
 from src.log import Stopwatch, log
 from src.modeling import (
+    Placement,
     add_lora,
     context_window,
+    init_lora_weights,
     load_base_model,
     load_tokenizer,
     lora_parameters,
@@ -56,6 +58,7 @@ from src.training.data import (
     prepare_file,
     split_validation,
 )
+from src.training.distributed import wait_for_all
 from src.training.examples import Examples
 from src.training.fused_elementwise import choose_elementwise
 from src.training.fused_lora import choose_lora_forward
@@ -63,8 +66,9 @@ from src.training.fused_loss import describe_loss
 from src.training.job import TrainingJob
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt
-from src.training.memory import plan_for_device
 from src.training.outputs import clear_earlier_outputs, new_output_folder
+from src.training.parallelism import plan_training, refuse_sharded_qlora
+from src.training.sharding import load_sharded_model
 from src.training.tracking import reporting
 
 
@@ -75,20 +79,14 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
     devices (or TRAIN_PROCESSES), torchrun workers train on it data-parallel.
     """
     clock = Stopwatch()
+    refuse_sharded_qlora(config.quantize_4bit)
     clear_earlier_outputs([config.train_data, config.validation_data])
     keep_compiler_caches_out_of_tmp()
     base = resolve_base_model()
     log(f"base model: {base.public_name} ({base.path})")
     folder = make_data_folder()
     try:
-        start = None
-        if config.init_weights:
-            start = fetch_starting_adapter(config.init_weights, base, folder / "init_weights")
-        lora = lora_settings(config, start)
-        check_adapter_size(lora.rank, read_model_config(base.path))
-        tokenizer = load_tokenizer(base.path)
-        data = prepare_examples(config, tokenizer, context_window(base.path), folder)
-        job = TrainingJob(config, base, tokenizer, data, pack(config, data), lora, start)
+        job = prepare_job(config, base, folder)
         rows_per_step = min(config.train_batch_size, len(job.train_rows))
         processes = data_parallel_processes(rows_per_step)
         if processes > 1:
@@ -98,6 +96,19 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
         return archive
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def prepare_job(config: TrainConfig, base: BaseModel, folder: Path) -> TrainingJob:
+    """Everything before a model loads, into `folder`: the adapter to continue, the data
+    read, checked, tokenized, split and packed. Every input error is raised here."""
+    start = None
+    if config.init_weights:
+        start = fetch_starting_adapter(config.init_weights, base, folder / "init_weights")
+    lora = lora_settings(config, start)
+    check_adapter_size(lora.rank, read_model_config(base.path))
+    tokenizer = load_tokenizer(base.path)
+    data = prepare_examples(config, tokenizer, context_window(base.path), folder)
+    return TrainingJob(config, base, tokenizer, data, pack(config, data), lora, start)
 
 
 def make_data_folder() -> Path:
@@ -126,7 +137,7 @@ def train_and_save(
         log(f"validation_prompt: system prompt {describe_system_prompt(prompt.system)}, "
             f"{prompt.reason}")  # fmt: skip
     placement = pick_placement()
-    forwards = plan_for_device(
+    parallelism = plan_training(
         placement,
         read_model_config(base.path),
         config.quantize_4bit,
@@ -135,9 +146,11 @@ def train_and_save(
         longest_validation=max(
             validation_rows.longest_segment, prompt.most_tokens if prompt else 0
         ),
-        processes=world.size,
+        world=world,
     )
+    forwards = parallelism.forwards
     if world.is_main:
+        log(parallelism.describe(world.size))
         log(forwards.describe())
 
     inputs = {**config.as_json(), "lora": lora.as_json(), "base_model": base.public_name}
@@ -145,18 +158,8 @@ def train_and_save(
     model = None
     with reporting(key, config.wandb_project, config.wandb_run_name, inputs) as tracker:
         try:
-            loading = Stopwatch()
-            model = load_base_model(base.path, config.quantize_4bit, placement)
-            log(
-                f"loaded {model.num_parameters():,} base parameters on {placement.device} "
-                f"({'4-bit NF4' if config.quantize_4bit else placement.dtype}) in "
-                f"{loading.elapsed():.1f} s"
-            )
-            torch.manual_seed(derive_seed(config.seed, "lora init"))  # the same on every rank
-            model = add_lora(
-                model, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit,
-                lora.target_modules, lora.use_rslora,
-            )  # fmt: skip
+            model = load_model(job, placement, parallelism.sharded)
+            wait_for_all(world)  # the ranks load at their own pace; training keeps them together
             if job.start is not None:
                 load_starting_weights(model, job.start)
             computed = {  # which of the speed levers ran (the log says why), in the metadata
@@ -181,6 +184,31 @@ def train_and_save(
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def load_model(job: TrainingJob, placement: Placement, sharded: bool) -> peft.PeftModel:
+    """The frozen base, whole or this rank's shard of it, with a fresh LoRA adapter (the
+    same initial values either way: src/modeling.init_lora_weights)."""
+    config, lora, path = job.config, job.lora, job.base.path
+    loading = Stopwatch()
+    if sharded:
+        model = load_sharded_model(path, placement, lora, config.seed, job.world)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        what = f"{frozen:,} (sharded over {job.world.local_size} processes)"
+    else:
+        base = load_base_model(path, config.quantize_4bit, placement)
+        what = f"{base.num_parameters():,}"
+        model = add_lora(
+            base, lora.rank, lora.alpha, lora.dropout, config.quantize_4bit,
+            lora.target_modules, lora.use_rslora,
+        )  # fmt: skip
+        init_lora_weights(model, config.seed)
+    log(
+        f"loaded {what} base parameters on {placement.device} "
+        f"({'4-bit NF4' if config.quantize_4bit else placement.dtype}) in "
+        f"{loading.elapsed():.1f} s"
+    )
+    return model
 
 
 def pack(config: TrainConfig, data: TrainingData) -> tuple[Rows, PackingStats]:
