@@ -176,10 +176,12 @@ def training_processes() -> list[psutil.Process]:
 def test_cancel_ends_every_process_of_a_multi_process_training(
     tiny_model_dir, served_data, webhook, tmp_path
 ):
+    """A sharded training (FSDP2, every pass gathering from both ranks), canceled through
+    Cog; data parallel's processes end through the same launcher (tests/training)."""
     from tests.test_train_server_features import KEY, wandb_run
 
     url, received = webhook
-    env = {"BASE_MODEL": str(tiny_model_dir), "TRAIN_PROCESSES": "2"}
+    env = {"BASE_MODEL": str(tiny_model_dir), "TRAIN_PROCESSES": "2", "TRAIN_PARALLELISM": "fsdp"}
     env |= {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     with cog_server(PROJECT, "train", env) as server:
         long_training = {
@@ -213,6 +215,7 @@ def test_cancel_ends_every_process_of_a_multi_process_training(
         _, result = server.post("/trainings", body, timeout=300)
         assert result["status"] == "succeeded", result.get("error")
         assert "launching 2 training processes" in result["logs"]
+        assert "parallelism: FSDP2, the base sharded over 2 processes" in result["logs"]
 
         # SIGTERM to the server during a training ends the training processes as well.
         long_training["input"]["wandb_run_name"] = "server-stopped"

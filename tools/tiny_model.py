@@ -31,8 +31,15 @@ SIZES = {
 }
 
 
-def build_tiny_llama(out_dir: Path, size: str = "tiny", seed: int = 0, **shape: int) -> Path:
-    """Write a Hugging Face model folder (config, safetensors, tokenizer) and return it."""
+def build_tiny_llama(
+    out_dir: Path,
+    size: str = "tiny",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **shape: int,
+) -> Path:
+    """Write a Hugging Face model folder (config, safetensors, tokenizer) and return it;
+    with `max_shard_size`, the weights in several files and their index, as real bases."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,7 +56,8 @@ def build_tiny_llama(out_dir: Path, size: str = "tiny", seed: int = 0, **shape: 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    sharding = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **sharding)
     for item in TOKENIZER_FIXTURE.iterdir():
         shutil.copy(item, out_dir / item.name)
     return out_dir

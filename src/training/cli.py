@@ -131,7 +131,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 @record  # torchrun's agent prints a failed rank's traceback
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, _stop)
+    # SIGTERM (a cancel, Slurm's scancel, a pod's end) unwinds: the job folder is removed
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         inputs = read_inputs(arguments.inputs)
         check_output(arguments.output)
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_alone(inputs: dict[str, Any], output: Path) -> int:

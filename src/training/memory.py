@@ -95,6 +95,11 @@ class ModelShape:
     lora_parameters_per_rank: int  # of an adapter on every linear layer (modeling)
     context_window: int = 4096
     tied_embeddings: bool = False
+    kv_width: int | None = None  # keys' (and values') width: less than hidden with GQA
+
+    @property
+    def kv(self) -> int:
+        return self.kv_width or self.hidden
 
     @property
     def layer_parameters(self) -> int:
@@ -118,7 +123,7 @@ class ModelShape:
         context = config.get("max_position_embeddings", 4096)
         per_rank = lora_parameters(config, rank=1)
         tied = bool(config.get("tie_word_embeddings"))
-        return cls(hidden, mlp, layers, vocab, parameters, per_rank, context, tied)
+        return cls(hidden, mlp, layers, vocab, parameters, per_rank, context, tied, kv)
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,7 @@ class MemoryModel:
     def inference_bytes_per_token(self) -> float:
         shape = self.shape
         per_token = INFERENCE_BYTES_PER_HIDDEN * shape.hidden + INFERENCE_BYTES_PER_MLP * shape.mlp
-        kv_cache = 2 * 2 * shape.hidden * shape.layers  # keys and values, bf16 (generation)
+        kv_cache = 2 * 2 * shape.kv * shape.layers  # keys and values, bf16 (generation)
         return per_token + kv_cache
 
     @property

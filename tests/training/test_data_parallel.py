@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -194,11 +195,18 @@ def test_rank_zero_decides_the_epochs_and_reports_for_every_rank(
         wandb_api_key=Secret(KEY),  # as Cog hands a secret over
     )  # fmt: skip
     outcomes = {}
-    for processes in (1, 2):
+    for processes, parallelism in ((1, "auto"), (2, "ddp"), (2, "fsdp")):
         monkeypatch.setenv("TRAIN_PROCESSES", str(processes))
-        metadata, weights = results(call_train(**settings, wandb_run_name=f"ranks-{processes}"))
-        outcomes[processes] = metadata["results"], weights
-    (one, one_weights), (two, two_weights) = outcomes[1], outcomes[2]
+        monkeypatch.setenv("TRAIN_PARALLELISM", parallelism)
+        name = f"ranks-{processes}" + ("-sharded" if parallelism == "fsdp" else "")
+        metadata, weights = results(call_train(**settings, wandb_run_name=name))
+        outcomes[processes, parallelism] = metadata["results"], weights
+    (one, one_weights), (two, two_weights) = outcomes[1, "auto"], outcomes[2, "ddp"]
+    sharded, sharded_weights = outcomes[2, "fsdp"]  # the whole adapter kept on rank 0 too
+    assert (sharded["kept_epoch"], sharded["stopped_after_epoch"]) == (
+        two["kept_epoch"], two["stopped_after_epoch"],
+    )  # fmt: skip
+    assert all(torch.equal(sharded_weights[name], t) for name, t in two_weights.items())
     assert one["stopped_after_epoch"] == two["stopped_after_epoch"] == one["best_epoch"] + 2 < 8
     assert one["kept_epoch"] == two["kept_epoch"] == one["best_epoch"] == two["best_epoch"]
     for name, tensor in one_weights.items():  # the same epoch's weights, kept on both
@@ -208,3 +216,124 @@ def test_rank_zero_decides_the_epochs_and_reports_for_every_rank(
     assert run["exit_code"] == 0 and run["summary"]["kept_epoch"] == two["kept_epoch"]
     assert len([r for r in run["history"] if "train/loss" in r]) == two["optimizer_steps"]
     assert job_files and not any(KEY.encode() in data for data in job_files)
+
+
+# --- the base sharded with FSDP2 (TRAIN_PARALLELISM=fsdp), on one machine and on two nodes
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tiny_model_dir, facts_file):
+    """SETTINGS in 2 processes through train(), the base sharded: 13 training rows, so the
+    last step of each epoch has one row, and rank 1 runs a pass of zero weight (lockstep)."""
+    logs = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(logs):
+        patch.setenv("BASE_MODEL", str(tiny_model_dir))
+        patch.setenv("TRAIN_PROCESSES", "2")
+        patch.setenv("TRAIN_PARALLELISM", "fsdp")
+        archive = call_train(train_data=str(facts_file), **SETTINGS)
+    return archive, logs.getvalue()
+
+
+def test_sharded_training_returns_the_data_parallel_adapter(one_and_two_processes, sharded_run):
+    archives, _ = one_and_two_processes
+    ddp, ddp_weights = results(archives[2])
+    fsdp, fsdp_weights = results(sharded_run[0])
+    for name, tensor in ddp_weights.items():
+        assert torch.equal(fsdp_weights[name], tensor), name
+    assert fsdp["results"]["train_losses"] == ddp["results"]["train_losses"]
+    assert fsdp["results"]["validation_answers"] == ddp["results"]["validation_answers"]
+    losses = [[loss for _, loss in run["results"]["validation_losses"]] for run in (fsdp, ddp)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_a_sharded_training_says_so_and_rank_zero_alone_logs(sharded_run):
+    _, logs = sharded_run
+    assert logs.count("parallelism: FSDP2, the base sharded over 2 processes, because") == 1
+    assert "(sharded over 2 processes) base parameters" in logs
+    assert logs.count("validation: epoch") == 2 and logs.count("model answer:") == 2
+    assert logs.count("step 8/8 |") == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_nodes(tmp_path, inputs: dict, envs: list[dict]) -> list[subprocess.Popen]:
+    """One torchrun agent per environment in `envs`, one process each, as on separate
+    machines: c10d rendezvous on loopback, each its own --output and log."""
+    (tmp_path / "inputs.json").write_text(json.dumps(inputs))
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = []
+    for node, env in enumerate(envs):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(envs)}",
+            "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            "-m", "src.training", "--inputs", str(tmp_path / "inputs.json"),
+            "--output", str(tmp_path / f"weights-{node}.tar"),
+        ]  # fmt: skip
+        log = open(tmp_path / f"node-{node}.log", "w")  # noqa: SIM115 - the agent's
+        agents.append(
+            subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+                start_new_session=True,
+            )
+        )
+    return agents
+
+
+def test_two_nodes_train_as_one_machine(tiny_model_dir, facts_file, sharded_run, tmp_path):
+    """`python -m src.training` under two torchrun agents (c10d on loopback): each node
+    prepares the data in a job folder of its own, global rank 0 alone writes its --output,
+    both exit 0; HSDP over 2 nodes of 1 process trains as 2 processes of one machine."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    # one thread a process, as the launcher gives each of 2 on this machine: a matmul's sums
+    # follow its thread split (torchrun sets OMP_NUM_THREADS only for several per node)
+    env = {"BASE_MODEL": str(tiny_model_dir), "TRAIN_PARALLELISM": "fsdp",
+           "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    agents = start_nodes(tmp_path, {**SETTINGS, "train_data": str(facts_file)}, [env, env])
+    codes = [agent.wait(timeout=300) for agent in agents]
+    logs = [(tmp_path / f"node-{node}.log").read_text() for node in (0, 1)]
+    assert codes == [0, 0], logs
+    written = sorted(tmp_path.glob("weights-*.tar"))
+    assert len(written) == 1  # by global rank 0, on whichever node c10d placed it
+    main_log = next(log for log in logs if "parallelism:" in log)
+    assert "replicated 2x across nodes (HSDP)" in main_log and f"weights: {written[0]}" in main_log
+    _, weights = results(written[0])
+    _, one_machine = results(sharded_run[0])
+    for name, tensor in one_machine.items():
+        assert torch.equal(weights[name], tensor), name
+    assert not list(scratch.glob("llama2-*")), "a node left its job folder or an output"
+
+
+def test_a_failing_node_ends_the_other_with_its_traceback(tiny_model_dir, facts_file, tmp_path):
+    """Node 1's base is broken: its rank fails loading it and prints the traceback; node 0,
+    waiting for it in a collective, ends too (well within 60 s); both exit non-zero."""
+    import time
+
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    inputs = {**SETTINGS, "train_data": str(facts_file), "num_train_epochs": 1000}
+    envs = [
+        {"TRAIN_PARALLELISM": "fsdp", "BASE_MODEL": str(base)} for base in (tiny_model_dir, broken)
+    ]
+    agents = start_nodes(tmp_path, inputs, envs)
+    try:
+        codes = [agents[1].wait(timeout=120)]
+        failed = time.monotonic()
+        codes.append(agents[0].wait(timeout=90))
+        assert time.monotonic() - failed < 60
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert codes[0] != 0 and codes[1] != 0
+    failing = (tmp_path / "node-1.log").read_text()
+    assert "Traceback (most recent call last)" in failing and "load_sharded_model" in failing
+    assert not list(tmp_path.glob("weights-*.tar"))

@@ -305,3 +305,28 @@ def test_qlora_keeps_its_non_quantised_parts_in_bf16_within_1_percent(tiny_model
             gradients[0][name].flatten().float(), gradient.flatten().float(), dim=0
         )
         assert cosine > 0.99, name
+
+
+def test_passes_of_zero_weight_add_exact_zeros_and_draw_no_dropout(tiny_model_dir, examples):
+    """Lockstep fillers (a rank short of passes under FSDP2): the gradients and the random
+    state after the step are those of the step without them, bit for bit."""
+    from src.training.loop import filler_batch
+
+    base = load_base_model(tiny_model_dir, False, FP32)
+    model = add_lora(base, rank=8, alpha=16, dropout=0.1, quantized=False)
+    model.train()
+    rows, _ = build_rows(examples, pack=False, wrap=False, chunk_size=0)
+    batches = [collate(rows, rows.segments(np.array([i]))) for i in range(2)]
+    targets = sum(b.num_targets for b in batches)
+    outcomes = []
+    for fillers in ([], [filler_batch(rows)] * 2):
+        torch.manual_seed(0)
+        loss = accumulate_gradients(model, batches, targets, DEVICE, fillers=fillers)
+        outcomes.append((loss, lora_gradients(model), torch.random.get_rng_state()))
+    (loss, grads, rng), (filled_loss, filled_grads, filled_rng) = outcomes
+    assert torch.equal(loss, filled_loss) and torch.equal(rng, filled_rng)
+    assert grads.keys() == filled_grads.keys() and grads
+    assert all(torch.equal(grads[name], filled_grads[name]) for name in grads)
+    filler = filler_batch(rows)
+    assert filler.num_targets > 0
+    assert filler.num_real_tokens == rows.lengths[rows.num_targets > 0].min()  # the cheapest
