@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -169,3 +170,21 @@ def test_the_train_server_is_not_given_prediction_slots():
     assert "is for the prediction server" in drop_prediction_slots(env)
     assert env == {"BASE_MODEL": "x"}
     assert drop_prediction_slots({"COG_MAX_CONCURRENCY": "1"}) is None
+
+
+def test_the_two_node_block_trains_one_archive(checkout):
+    """The README's two torchrun nodes on loopback (only the port changed): global rank 0
+    alone writes its --output."""
+    port = str(free_port())
+    script = "\n".join(readme_block("two_nodes")).replace("29400", port)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
+    finished = subprocess.run(
+        ["bash", "-c", script], cwd=checkout, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    written = sorted(checkout.glob("weights-*.tar"))
+    assert len(written) == 1, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert f"weights: {written[0].name}" in finished.stdout
+    with tarfile.open(written[0]) as tar:
+        assert "adapter_model.safetensors" in tar.getnames()

@@ -63,12 +63,15 @@ def build_tiny_llama(
     return out_dir
 
 
-def quantize_decoder_to_nf4(model, compute_dtype, device) -> None:
+def quantize_decoder_to_nf4(model, compute_dtype, device, share_shapes: bool = False) -> None:
     """A model built in memory (no checkpoint to load with a BitsAndBytesConfig): its decoder
-    linears to bitsandbytes NF4 with double quantisation, as load_base_model loads them."""
+    linears to bitsandbytes NF4 with double quantisation, as load_base_model loads them.
+    `share_shapes`: linears of one shape share the first one's 4-bit weight (a measurement
+    of memory, where the values do not matter: a CPU quantizes 7B-shaped layers slowly)."""
     import bitsandbytes as bnb
     import torch
 
+    quantized_by_shape: dict = {}
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, linear in list(parent.named_children()):
@@ -79,12 +82,15 @@ def quantize_decoder_to_nf4(model, compute_dtype, device) -> None:
                     compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
                     device="meta",
                 )  # fmt: skip
-                quantized.weight = bnb.nn.Params4bit(
-                    linear.weight.data,
-                    requires_grad=False,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                ).to(device)  # fmt: skip  (.to quantizes)
+                shape = tuple(linear.weight.shape)
+                if not share_shapes or shape not in quantized_by_shape:
+                    quantized_by_shape[shape] = bnb.nn.Params4bit(
+                        linear.weight.data,
+                        requires_grad=False,
+                        quant_type="nf4",
+                        compress_statistics=True,
+                    ).to(device)  # fmt: skip  (.to quantizes)
+                quantized.weight = quantized_by_shape[shape]
                 setattr(parent, name, quantized)
     model.is_loaded_in_4bit = True  # what peft's prepare_model_for_kbit_training looks for
 

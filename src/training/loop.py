@@ -37,7 +37,13 @@ from src.training.batching import (
     steps_per_epoch,
 )
 from src.training.config import TrainConfig
-from src.training.distributed import World, broadcast_flag, most_over_ranks, sum_over_ranks
+from src.training.distributed import (
+    World,
+    broadcast_flag,
+    most_over_ranks,
+    sum_over_ranks,
+    wait_for_all,
+)
 from src.training.fused_loss import training_loss_sum
 from src.training.memory import ForwardPlan, out_of_memory
 from src.training.tracking import Tracker
@@ -145,6 +151,7 @@ def train_adapter(
             loss = _end_of_epoch(
                 model, tokenizer, validation_rows, config, step, result, epoch, prompt
             )
+            wait_for_all(world)  # data parallel: rank 0 alone answered the validation_prompt
             if world.is_main:
                 stop = config.chooses_epochs and choice.after_epoch(epoch + 1, loss, model)
             if config.chooses_epochs and broadcast_flag(stop, world, device):

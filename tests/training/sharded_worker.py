@@ -2,10 +2,11 @@
 
     python -m tests.training.sharded_worker DATA OUT
 
-It trains the same job as data parallel and as FSDP2, in fp32 and in bf16 (the CPU's
-placement is fp32: a bf16 one is put in its place), through train_and_save as a worker runs
-it, and rank 0 copies each archive to OUT/{parallelism}-{dtype}.tar. Each rank also writes
-the bytes its sharded base holds (OUT/shard-bytes-{rank}.json).
+It trains one job with the base sharded (FSDP2), in fp32 and in bf16 (the CPU's placement
+is fp32: a bf16 one is put in its place), through train_and_save as a worker runs it, and
+rank 0 copies each archive to OUT/fsdp-{dtype}.tar. Each rank also writes the bytes its
+sharded base holds (OUT/shard-bytes-{rank}.json). (Sharded against data parallel through
+train()'s launcher: tests/training/test_data_parallel.py.)
 """
 
 import json
@@ -53,13 +54,12 @@ def main(data: Path, out: Path) -> None:
         for name, dtype in DTYPES.items():
             placement = Placement(torch.device("cpu"), dtype)
             src.training.run.pick_placement = lambda placement=placement: placement
-            for parallelism in ("ddp", "fsdp"):
-                os.environ["TRAIN_PARALLELISM"] = parallelism
-                archive = src.training.run.train_and_save(
-                    job_for(data, world, folder / f"{name}-{parallelism}"), Stopwatch()
-                )
-                if archive is not None:
-                    shutil.copy(archive, out / f"{parallelism}-{name}.tar")
+            os.environ["TRAIN_PARALLELISM"] = "fsdp"
+            archive = src.training.run.train_and_save(
+                job_for(data, world, folder / name), Stopwatch()
+            )
+            if archive is not None:
+                shutil.copy(archive, out / f"fsdp-{name}.tar")
         record_shard_bytes(data, world, out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

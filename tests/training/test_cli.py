@@ -69,21 +69,18 @@ def test_the_output_path_is_checked_before_training(tmp_path, capsys, facts_file
     assert "is a folder" in capsys.readouterr().err
 
 
-def test_one_process_trains_and_writes_the_archive(base_model_env, facts_file, tmp_path, capsys):
-    """A local path as train_data, the archive at --output, nothing else left behind."""
-    path = write(tmp_path, {"train_data": str(facts_file), "num_train_epochs": 1})
+def test_one_process_trains_from_a_url_and_writes_the_archive(
+    base_model_env, facts_file, tmp_path, capsys
+):
+    """train_data by URL (downloaded as Cog would), the archive at --output."""
+    from tests.helpers import serve_directory
+
     output = tmp_path / "weights.tar"
-    assert main(["--inputs", str(path), "--output", str(output)]) == 0
+    with serve_directory(facts_file.parent) as (url, asked):
+        path = write(tmp_path, {"train_data": f"{url}/{facts_file.name}", "num_train_epochs": 1})
+        assert main(["--inputs", str(path), "--output", str(output)]) == 0
+    assert asked == [f"/{facts_file.name}"]
     with tarfile.open(output) as tar:
         metadata = json.load(tar.extractfile("training_metadata.json"))
     assert metadata["inputs"]["num_train_epochs"] == 1
     assert f"weights: {output}" in capsys.readouterr().out
-
-
-def test_train_data_by_url_is_downloaded(base_model_env, facts_file, tmp_path):
-    from tests.helpers import serve_directory
-
-    with serve_directory(facts_file.parent) as (url, asked):
-        path = write(tmp_path, {"train_data": f"{url}/{facts_file.name}", "num_train_epochs": 1})
-        assert main(["--inputs", str(path), "--output", str(tmp_path / "w.tar")]) == 0
-    assert asked == [f"/{facts_file.name}"] and (tmp_path / "w.tar").is_file()

@@ -221,39 +221,6 @@ def test_rank_zero_decides_the_epochs_and_reports_for_every_rank(
 # --- the base sharded with FSDP2 (TRAIN_PARALLELISM=fsdp), on one machine and on two nodes
 
 
-@pytest.fixture(scope="module")
-def sharded_run(tiny_model_dir, facts_file):
-    """SETTINGS in 2 processes through train(), the base sharded: 13 training rows, so the
-    last step of each epoch has one row, and rank 1 runs a pass of zero weight (lockstep)."""
-    logs = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(logs):
-        patch.setenv("BASE_MODEL", str(tiny_model_dir))
-        patch.setenv("TRAIN_PROCESSES", "2")
-        patch.setenv("TRAIN_PARALLELISM", "fsdp")
-        archive = call_train(train_data=str(facts_file), **SETTINGS)
-    return archive, logs.getvalue()
-
-
-def test_sharded_training_returns_the_data_parallel_adapter(one_and_two_processes, sharded_run):
-    archives, _ = one_and_two_processes
-    ddp, ddp_weights = results(archives[2])
-    fsdp, fsdp_weights = results(sharded_run[0])
-    for name, tensor in ddp_weights.items():
-        assert torch.equal(fsdp_weights[name], tensor), name
-    assert fsdp["results"]["train_losses"] == ddp["results"]["train_losses"]
-    assert fsdp["results"]["validation_answers"] == ddp["results"]["validation_answers"]
-    losses = [[loss for _, loss in run["results"]["validation_losses"]] for run in (fsdp, ddp)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
-
-
-def test_a_sharded_training_says_so_and_rank_zero_alone_logs(sharded_run):
-    _, logs = sharded_run
-    assert logs.count("parallelism: FSDP2, the base sharded over 2 processes, because") == 1
-    assert "(sharded over 2 processes) base parameters" in logs
-    assert logs.count("validation: epoch") == 2 and logs.count("model answer:") == 2
-    assert logs.count("step 8/8 |") == 1
-
-
 def free_port() -> int:
     import socket
 
@@ -288,10 +255,14 @@ def start_nodes(tmp_path, inputs: dict, envs: list[dict]) -> list[subprocess.Pop
     return agents
 
 
-def test_two_nodes_train_as_one_machine(tiny_model_dir, facts_file, sharded_run, tmp_path):
-    """`python -m src.training` under two torchrun agents (c10d on loopback): each node
-    prepares the data in a job folder of its own, global rank 0 alone writes its --output,
-    both exit 0; HSDP over 2 nodes of 1 process trains as 2 processes of one machine."""
+def test_two_nodes_train_as_one_machine(
+    tiny_model_dir, facts_file, one_and_two_processes, tmp_path
+):
+    """`python -m src.training` under two torchrun agents (c10d on loopback), the base
+    sharded within a node and replicated across (HSDP): the adapter of 2 data-parallel
+    processes, bit for bit. 13 training rows: the last step of each epoch has one row, so one
+    rank runs a pass of zero weight (lockstep). Each node prepares the data in a job folder
+    of its own; global rank 0 alone logs and writes its --output; both exit 0."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     # one thread a process, as the launcher gives each of 2 on this machine: a matmul's sums
@@ -304,12 +275,21 @@ def test_two_nodes_train_as_one_machine(tiny_model_dir, facts_file, sharded_run,
     assert codes == [0, 0], logs
     written = sorted(tmp_path.glob("weights-*.tar"))
     assert len(written) == 1  # by global rank 0, on whichever node c10d placed it
-    main_log = next(log for log in logs if "parallelism:" in log)
+    [main_log] = [log for log in logs if "parallelism:" in log]
     assert "replicated 2x across nodes (HSDP)" in main_log and f"weights: {written[0]}" in main_log
-    _, weights = results(written[0])
-    _, one_machine = results(sharded_run[0])
-    for name, tensor in one_machine.items():
+    assert main_log.count("validation: epoch") == 2 and main_log.count("model answer:") == 2
+    assert main_log.count("step 8/8 |") == 1
+    sharded, weights = results(written[0])
+    archives, _ = one_and_two_processes
+    data_parallel, dp_weights = results(archives[2])
+    for name, tensor in dp_weights.items():
         assert torch.equal(weights[name], tensor), name
+    assert sharded["results"]["train_losses"] == data_parallel["results"]["train_losses"]
+    answers = [run["results"]["validation_answers"] for run in (sharded, data_parallel)]
+    assert answers[0] == answers[1]
+    losses = [[loss for _, loss in run["results"]["validation_losses"]]
+              for run in (sharded, data_parallel)]  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert not list(scratch.glob("llama2-*")), "a node left its job folder or an output"
 
 

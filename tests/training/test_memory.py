@@ -22,6 +22,7 @@ from src.training.memory import (
     memory_budget,
     plan_forwards,
 )
+from src.training.sharding import recompute_buffers
 from tools.tiny_model import quantize_decoder_to_nf4
 
 LLAMA_2_7B = {
@@ -89,14 +90,17 @@ def decoder(hidden: int, mlp: int, layers: int, quantized: bool, fused: bool = T
     )  # fmt: skip
     config._attn_implementation = attention.NAME
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    # Built on the meta device and filled once: what a pass keeps depends on the shapes, and
+    # transformers' initialisation of 7B-shaped layers would take twice as long.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-0.05, 0.05)
+        recompute_buffers(model, torch.device("cpu"))
     if quantized:
-        quantize_decoder_to_nf4(model, torch.bfloat16, "cpu")
+        quantize_decoder_to_nf4(model, torch.bfloat16, "cpu", share_shapes=True)
     model = add_lora(model, rank=8, alpha=16, dropout=DROPOUT, quantized=quantized)
     if fused:
         install_fused_lora(model)
