@@ -45,9 +45,11 @@ STOP_GRACE_S = 10
 CANCELED = "canceled"  # in the job folder: the launcher is stopping the workers
 
 
-def data_parallel_processes(rows_per_step: int) -> int:
+def data_parallel_processes(rows_per_step: int, may_shard: bool = False) -> int:
     """One process per visible GPU (or TRAIN_PROCESSES), but no more than a step has rows:
-    a rank without rows would only wait for the others."""
+    a rank without rows would only wait for the others. Unless the base may be sharded
+    (src/training/parallelism.may_shard): then every process holds a share of it, rows or
+    not (a rank without rows runs passes of zero weight with the others)."""
     gpus = torch.cuda.device_count()
     configured = os.environ.get(PROCESSES_VARIABLE)
     if configured:
@@ -61,6 +63,8 @@ def data_parallel_processes(rows_per_step: int) -> int:
             )
     else:
         wanted = max(1, gpus)
+    if may_shard:
+        return wanted
     if wanted > rows_per_step:
         log(
             f"data parallel: {rows_per_step} row(s) per optimizer step, so {rows_per_step} "

@@ -158,11 +158,12 @@ class MemoryModel:
         backward and fetches the next one meanwhile (GATHERED_LAYERS); the root's
         embeddings and norm stay gathered between forward and backward (FSDP2's root is not
         resharded after its forward); the output head is not sharded, as the loss reads its
-        weight directly (src/training/sharding.py)."""
+        weight directly, nor input embeddings tied to it (src/training/sharding.py)."""
         shape = self.shape
         layers = shape.layers * shape.layer_parameters
-        root = shape.vocab * shape.hidden + shape.hidden
-        head = shape.embedding_parameters - shape.vocab * shape.hidden
+        embeddings = shape.vocab * shape.hidden
+        root = shape.hidden + (0 if shape.tied_embeddings else embeddings)
+        head = embeddings  # the output head, or the input embeddings tied to it: whole
         stored = -(-(layers + root) // self.shards)
         gathered = GATHERED_LAYERS * shape.layer_parameters + root
         return 2 * (stored + gathered + head)

@@ -18,6 +18,8 @@ correctly and is the way to add sharded QLoRA later.
 import os
 from dataclasses import dataclass, replace
 
+import torch
+
 from src.errors import UserInputError
 from src.modeling import Placement
 from src.training.distributed import World, least_over_ranks
@@ -27,6 +29,7 @@ from src.training.memory import (
     ForwardPlan,
     MemoryModel,
     device_budget,
+    memory_budget,
     memory_model_for,
     plan_forwards,
 )
@@ -173,3 +176,18 @@ def plan_training(
         wanted, model, budget, world.size, world.local_size, longest, longest_validation,
         cpu_plan=CPU_PLAN,
     )  # fmt: skip
+
+
+def may_shard(model_config: dict, quantized: bool, lora_rank: int) -> bool:
+    """Whether the workers may choose to shard, decided before they start (so that all of
+    a machine's GPUs are started to hold the shards, whatever the rows of a step):
+    TRAIN_PARALLELISM=fsdp, or auto with a base whose weights and adapter state alone
+    exceed the smallest GPU's memory (its total, as no worker has started)."""
+    wanted = wanted_parallelism()
+    if wanted != "auto" or quantized:
+        return wanted == "fsdp"
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return False
+    smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+    return memory_model_for(model_config, quantized, lora_rank).fixed > memory_budget(smallest)

@@ -67,7 +67,7 @@ from src.training.job import TrainingJob
 from src.training.launcher import data_parallel_processes, launch_workers
 from src.training.loop import TrainResult, train_adapter, validation_prompt
 from src.training.outputs import clear_earlier_outputs, new_output_folder
-from src.training.parallelism import plan_training, refuse_sharded_qlora
+from src.training.parallelism import may_shard, plan_training, refuse_sharded_qlora
 from src.training.sharding import load_sharded_model
 from src.training.tracking import reporting
 
@@ -88,7 +88,8 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
     try:
         job = prepare_job(config, base, folder)
         rows_per_step = min(config.train_batch_size, len(job.train_rows))
-        processes = data_parallel_processes(rows_per_step)
+        shardable = may_shard(read_model_config(base.path), config.quantize_4bit, job.lora.rank)
+        processes = data_parallel_processes(rows_per_step, shardable)
         if processes > 1:
             return launch_workers(job, processes, wandb_api_key)
         archive = train_and_save(job, clock, wandb_api_key)

@@ -15,8 +15,9 @@ What is sharded and what is not:
     (src/training/loop.py), so the LoRA gradients are the only thing crossing the network,
     every rank holds the whole adapter (keep_best_epoch, the archive need no gather), and
     the arithmetic is data parallelism's;
-  * the output head is not sharded either: the loss reads its weight directly
-    (src/training/fused_loss.py), outside any module call that would gather it.
+  * the output head is not sharded either (nor the input embeddings, where tied to it):
+    the loss reads its weight directly (src/training/fused_loss.py), outside any module
+    call that would gather it.
 The LoRA initialisation is src/modeling.init_lora_weights (the same values as an unsharded
 training's), the rotary tables are computed again on the device.
 """
@@ -66,8 +67,8 @@ def load_sharded_model(
     )
     unsharded = {p for p in model.parameters() if p.requires_grad}
     head = base.get_output_embeddings()
-    if head is not None and head.weight is not base.get_input_embeddings().weight:
-        unsharded.add(head.weight)
+    if head is not None:
+        unsharded.add(head.weight)  # tied to the input embeddings, they stay whole with it
     mesh = shard_mesh(world, placement.device)
     decoder = base.model
     for layer in decoder.layers:

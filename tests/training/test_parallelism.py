@@ -135,3 +135,38 @@ def test_sharded_qlora_is_refused_before_anything_loads(base_model_env, facts_fi
         call_train(
             train_data=str(facts_file), peft_method="qlora", pack_sequences=True, chunk_size=8192
         )  # a data error, if the data were read first
+
+
+def test_every_gpu_is_started_when_the_base_may_be_sharded(monkeypatch):
+    """The defaults' 4 rows a step on 8 GPUs: 4 processes for a base that fits one card,
+    all 8 for one that does not (each holds a shard, rows or not)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from src.training.launcher import data_parallel_processes
+    from src.training.parallelism import may_shard
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    card = SimpleNamespace(total_memory=48 * 10**9)  # an A40
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card)
+    monkeypatch.delenv(PARALLELISM_VARIABLE, raising=False)
+    monkeypatch.delenv("TRAIN_PROCESSES", raising=False)
+    assert not may_shard(LLAMA_2_7B, False, 8) and not may_shard(LLAMA_2_70B, True, 8)
+    assert may_shard(LLAMA_2_70B, False, 8)
+    assert data_parallel_processes(4, may_shard(LLAMA_2_7B, False, 8)) == 4
+    assert data_parallel_processes(4, may_shard(LLAMA_2_70B, False, 8)) == 8
+    monkeypatch.setenv(PARALLELISM_VARIABLE, "fsdp")
+    assert may_shard(LLAMA_2_7B, False, 8)
+    monkeypatch.setenv("TRAIN_GPU_MEMORY_GIB", "10")  # a 7B base over a 10 GiB budget
+    monkeypatch.setenv(PARALLELISM_VARIABLE, "auto")
+    assert may_shard(LLAMA_2_7B, False, 8)
+
+
+def test_tied_embeddings_stay_whole_with_the_head():
+    tied = MemoryModel(
+        ModelShape.of({**LLAMA_2_70B, "tie_word_embeddings": True}), False, 8, shards=8
+    )
+    shape = tied.shape
+    stored = -(-(80 * shape.layer_parameters + 8192) // 8)
+    assert tied.weights == 2 * (stored + 2 * shape.layer_parameters + 8192 + 32000 * 8192)
