@@ -198,6 +198,8 @@ def init_lora_weights(model: PeftModel, seed: int) -> None:
                 values = torch.empty(parameter.shape, dtype=torch.float32)
                 torch.nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
                 parameter.copy_(values)
+            else:  # a meta-built model would train from whatever memory held
+                raise ValueError(f"{name}: a trainable parameter that is not LoRA's A or B")
 
 
 def keep_4bit_weights_trainable(model: PreTrainedModel) -> None:

@@ -25,6 +25,9 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ from src.modeling import load_tokenizer
 from src.training.config import SECRET_INPUTS, build_train_config
 from src.training.distributed import World, init_from_torchrun, wait_for_all
 from src.training.launcher import read_job, write_job
-from src.training.parallelism import refuse_sharded_qlora
+from src.training.parallelism import refuse_sharded_qlora, wanted_parallelism
 from src.training.run import make_data_folder, prepare_job, run_training, train_and_save
 
 KEY_VARIABLE = "WANDB_API_KEY"
@@ -160,16 +163,21 @@ def train_alone(inputs: dict[str, Any], output: Path) -> int:
 
 def train_under_torchrun(inputs: dict[str, Any], output: Path) -> int:
     clock = Stopwatch()
+    _end_with_the_agent()
     world = init_from_torchrun()
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     keep_compiler_caches_out_of_tmp()
-    folder = None
+    folder: Path | None = None
     try:
-        base = resolve_base_model()
+        base = _resolve_once_per_node(world)
         if world.is_main:
             log(f"base model: {base.public_name} ({base.path})")
-        folder = _prepare_on_each_node(inputs, base, world)
+        prepared = _prepare_on_local_rank_0(inputs, base, world)
+        if world.local_rank == 0:
+            folder = prepared.folder
+        reports = wait_for_all(world, prepared)
+        folder = _node_folder(reports, world)
         training = read_job(folder, base, load_tokenizer(base.path), world)
         key = os.environ.get(KEY_VARIABLE) if world.is_main else None
         archive = train_and_save(training, clock, key)
@@ -183,28 +191,85 @@ def train_under_torchrun(inputs: dict[str, Any], output: Path) -> int:
         dist.destroy_process_group()
 
 
-def _prepare_on_each_node(inputs: dict[str, Any], base: Any, world: World) -> Path:
-    """The node's job folder: local rank 0 prepares it while the node's other processes
-    wait; a failure on any node is raised on every rank, so that none waits for the others."""
-    report: tuple[int, str | None, str | None, bool] = (world.node, None, None, False)
-    if world.local_rank == 0:
-        folder = make_data_folder()
-        try:
-            config = build_train_config(**fetch_inputs(inputs, folder))
-            refuse_sharded_qlora(config.quantize_4bit)
-            write_job(folder, prepare_job(config, base, folder))
-            report = (world.node, str(folder), None, False)
-        except Exception as error:
-            shutil.rmtree(folder, ignore_errors=True)
-            user = isinstance(error, UserInputError)
-            wait_for_all(world, (world.node, None, str(error) if user else repr(error), user))
-            raise  # this rank's own error, with its traceback
-    for node, _, problem, user in (reports := wait_for_all(world, report)):
-        if problem is not None and user:
-            raise UserInputError(problem)
-        if problem is not None:
-            raise RuntimeError(f"node {node} failed to prepare the data: {problem}")
-    return Path(next(f for node, f, _, _ in reports if node == world.node and f is not None))
+def _end_with_the_agent() -> None:
+    """A worker whose torchrun agent died (SIGKILL: no chance to end its workers) ends too,
+    instead of training on with the other nodes' orphans."""
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _resolve_once_per_node(world: World) -> Any:
+    """BASE_MODEL resolved (downloaded, where it is a Hub id or URL) by each node's local
+    rank 0 first; its other processes then find it in the cache."""
+    base = resolve_base_model() if world.local_rank == 0 else None
+    wait_for_all(world)
+    return base or resolve_base_model()
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What a node's local rank 0 prepared (the others report nothing)."""
+
+    node: int
+    folder: Path | None = None
+    summary: dict | None = None  # what every node must agree on
+    problem: str | None = None
+    user_error: bool = False
+
+
+def _prepare_on_local_rank_0(inputs: dict[str, Any], base: Any, world: World) -> NodeReport:
+    """The node's job folder, prepared by its local rank 0 (the node's other processes wait
+    in the next `wait_for_all`). A failure is reported to every rank, then raised here."""
+    if world.local_rank != 0:
+        return NodeReport(world.node)
+    folder = make_data_folder()
+    try:
+        config = build_train_config(**fetch_inputs(inputs, folder))
+        refuse_sharded_qlora(config.quantize_4bit)
+        job = prepare_job(config, base, folder)
+        write_job(folder, job)
+    except Exception as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        user = isinstance(error, UserInputError)
+        problem = str(error) if user else repr(error)
+        wait_for_all(world, NodeReport(world.node, problem=problem, user_error=user))
+        raise  # this rank's own error, with its traceback
+    summary = {
+        "inputs": config.as_json(),
+        "base model": base.public_name,
+        "parallelism": wanted_parallelism(),
+        "training rows": len(job.train_rows),
+        "training tokens": job.packed[1].real_tokens,
+        "validation rows": len(job.data.validation),
+    }
+    return NodeReport(world.node, folder, summary)
+
+
+def _node_folder(reports: list[NodeReport], world: World) -> Path:
+    """This node's job folder, once every node prepared the same training; else the error,
+    on every rank (so that none waits for the others)."""
+    for report in reports:
+        if report.problem is not None and report.user_error:
+            raise UserInputError(report.problem)
+        if report.problem is not None:
+            raise RuntimeError(f"node {report.node} failed to prepare the data: {report.problem}")
+    prepared = [report for report in reports if report.folder is not None]
+    first = prepared[0]
+    for report in prepared[1:]:
+        differing = [k for k in first.summary if first.summary[k] != report.summary[k]]
+        if differing:
+            raise UserInputError(
+                f"the nodes do not prepare the same training: node {report.node}'s "
+                f"{', '.join(differing)} differ from node {first.node}'s (every node must "
+                f"run the same inputs, data, BASE_MODEL and TRAIN_PARALLELISM)"
+            )
+    return next(report.folder for report in prepared if report.node == world.node)
 
 
 def _deliver(archive: Path, output: Path) -> None:

@@ -26,6 +26,7 @@ from src.training.distributed import World, least_over_ranks
 from src.training.memory import (
     CPU_PLAN,
     GIB,
+    PROCESS_GROUP_HEADROOM,
     ForwardPlan,
     MemoryModel,
     device_budget,
@@ -135,11 +136,9 @@ def choose_parallelism(
         if model.quantized:
             raise UserInputError(f"peft_method qlora: {QLORA_NOT_SHARDED}")
         too_large = None
-    if not can_shard:
-        raise UserInputError(
-            f"{PARALLELISM_VARIABLE}=fsdp needs more than one process on a node to shard over"
-        )
-    sharded = replace(model, shards=node_processes)
+    if processes == 1:
+        raise UserInputError(f"{PARALLELISM_VARIABLE}=fsdp needs more than one process")
+    sharded = replace(model, shards=node_processes)  # 1 a node: replicated (HSDP), as on a CPU
     try:
         forwards = plan_forwards(sharded, budget, longest, longest_validation)
     except UserInputError as error:
@@ -178,11 +177,11 @@ def plan_training(
     )  # fmt: skip
 
 
-def may_shard(model_config: dict, quantized: bool, lora_rank: int) -> bool:
+def may_shard(model_config: dict, quantized: bool, lora_rank: int, longest: int) -> bool:
     """Whether the workers may choose to shard, decided before they start (so that all of
     a machine's GPUs are started to hold the shards, whatever the rows of a step):
-    TRAIN_PARALLELISM=fsdp, or auto with a base whose weights and adapter state alone
-    exceed the smallest GPU's memory (its total, as no worker has started)."""
+    TRAIN_PARALLELISM=fsdp, or auto where the whole base and a pass of the `longest` row
+    would not fit the smallest GPU (its total memory, as no worker has started)."""
     wanted = wanted_parallelism()
     if wanted != "auto" or quantized:
         return wanted == "fsdp"
@@ -190,4 +189,9 @@ def may_shard(model_config: dict, quantized: bool, lora_rank: int) -> bool:
     if gpus < 2:
         return False
     smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
-    return memory_model_for(model_config, quantized, lora_rank).fixed > memory_budget(smallest)
+    model = memory_model_for(model_config, quantized, lora_rank)
+    try:
+        plan_forwards(model, memory_budget(smallest) - PROCESS_GROUP_HEADROOM, longest)
+    except UserInputError:
+        return True
+    return False

@@ -88,7 +88,10 @@ def run_training(config: TrainConfig, wandb_api_key: str | None = None) -> Path:
     try:
         job = prepare_job(config, base, folder)
         rows_per_step = min(config.train_batch_size, len(job.train_rows))
-        shardable = may_shard(read_model_config(base.path), config.quantize_4bit, job.lora.rank)
+        shardable = may_shard(
+            read_model_config(base.path), config.quantize_4bit, job.lora.rank,
+            job.train_rows.longest_segment,
+        )  # fmt: skip
         processes = data_parallel_processes(rows_per_step, shardable)
         if processes > 1:
             return launch_workers(job, processes, wandb_api_key)
@@ -163,7 +166,8 @@ def train_and_save(
             wait_for_all(world)  # the ranks load at their own pace; training keeps them together
             if job.start is not None:
                 load_starting_weights(model, job.start)
-            computed = {  # which of the speed levers ran (the log says why), in the metadata
+            computed = {  # what ran: parallelism and speed levers (the log says why)
+                "parallelism": "fsdp" if parallelism.sharded else "ddp",
                 "lora_forward": choose_lora_forward(model),
                 "loss": describe_loss(),
                 "elementwise": choose_elementwise(

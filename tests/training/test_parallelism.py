@@ -113,6 +113,9 @@ def test_on_a_cpu_memory_does_not_decide():
     assert sharded.sharded and sharded.forwards.lockstep
     assert sharded.forwards.tokens == CPU_PLAN.tokens
     assert not choose("fsdp", model(LLAMA_2_7B), None, processes=1).sharded
+    # one process a node, as on a GPU: replicated across the nodes (HSDP), as on a CPU
+    across = choose("fsdp", model(LLAMA_2_7B), A40, processes=2, node_processes=1)
+    assert across.sharded and across.shards == 1
 
 
 def test_the_setting_is_checked(monkeypatch):
@@ -152,15 +155,16 @@ def test_every_gpu_is_started_when_the_base_may_be_sharded(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card)
     monkeypatch.delenv(PARALLELISM_VARIABLE, raising=False)
     monkeypatch.delenv("TRAIN_PROCESSES", raising=False)
-    assert not may_shard(LLAMA_2_7B, False, 8) and not may_shard(LLAMA_2_70B, True, 8)
-    assert may_shard(LLAMA_2_70B, False, 8)
-    assert data_parallel_processes(4, may_shard(LLAMA_2_7B, False, 8)) == 4
-    assert data_parallel_processes(4, may_shard(LLAMA_2_70B, False, 8)) == 8
+    assert not may_shard(LLAMA_2_7B, False, 8, 4096)
+    assert not may_shard(LLAMA_2_70B, True, 8, 4096)  # 4-bit: never sharded
+    assert may_shard(LLAMA_2_70B, False, 8, 4096)
+    assert data_parallel_processes(4, may_shard(LLAMA_2_7B, False, 8, 4096)) == 4
+    assert data_parallel_processes(4, may_shard(LLAMA_2_70B, False, 8, 4096)) == 8
     monkeypatch.setenv(PARALLELISM_VARIABLE, "fsdp")
-    assert may_shard(LLAMA_2_7B, False, 8)
-    monkeypatch.setenv("TRAIN_GPU_MEMORY_GIB", "10")  # a 7B base over a 10 GiB budget
+    assert may_shard(LLAMA_2_7B, False, 8, 4096)
     monkeypatch.setenv(PARALLELISM_VARIABLE, "auto")
-    assert may_shard(LLAMA_2_7B, False, 8)
+    monkeypatch.setenv("TRAIN_GPU_MEMORY_GIB", "18")  # 7B fits with short rows only
+    assert may_shard(LLAMA_2_7B, False, 8, 4096) and not may_shard(LLAMA_2_7B, False, 8, 16)
 
 
 def test_tied_embeddings_stay_whole_with_the_head():
