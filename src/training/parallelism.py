@@ -136,8 +136,9 @@ def choose_parallelism(
         if model.quantized:
             raise UserInputError(f"peft_method qlora: {QLORA_NOT_SHARDED}")
         too_large = None
-    if processes == 1:
-        raise UserInputError(f"{PARALLELISM_VARIABLE}=fsdp needs more than one process")
+    if processes == 1:  # as on a CPU: nothing to shard over
+        forwards = plan_forwards(model, budget, longest, longest_validation)
+        return Parallelism(False, 1, forwards, "one process: nothing to shard over")
     sharded = replace(model, shards=node_processes)  # 1 a node: replicated (HSDP), as on a CPU
     try:
         forwards = plan_forwards(sharded, budget, longest, longest_validation)

@@ -116,6 +116,7 @@ def test_on_a_cpu_memory_does_not_decide():
     # one process a node, as on a GPU: replicated across the nodes (HSDP), as on a CPU
     across = choose("fsdp", model(LLAMA_2_7B), A40, processes=2, node_processes=1)
     assert across.sharded and across.shards == 1
+    assert not choose("fsdp", model(LLAMA_2_7B), A40, processes=1).sharded  # one GPU
 
 
 def test_the_setting_is_checked(monkeypatch):
