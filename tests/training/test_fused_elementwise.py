@@ -423,8 +423,8 @@ def test_a_training_with_compiled_layers_trains_as_eager_layers_train(
     compiled_archive = call_train(**settings)
     compiled, compiled_log = adapter_tensors(compiled_archive), capfd.readouterr().out
     # the weights say how they were computed (a fallback to eager shows there too)
-    assert computed(compiled_archive) == {"lora_forward": "fused", "loss": "fused",
-                                          "elementwise": "compiled"}  # fmt: skip
+    assert computed(compiled_archive) == {"parallelism": "ddp", "lora_forward": "fused",
+                                          "loss": "fused", "elementwise": "compiled"}  # fmt: skip
     assert computed(eager_archive)["elementwise"] == "eager"
     assert "compiled (torch.compile) on 4 decoder layers" in compiled_log
     assert "Elementwise: transformers' eager decoder layers" in eager_log
