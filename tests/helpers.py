@@ -174,3 +174,18 @@ def with_tensors(archive: Path, out: Path, change: Callable[[dict], None]) -> Pa
         return save(tensors)
 
     return with_member(archive, out, "adapter_model.safetensors", rewrite)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """This process's torch on one thread, as each rank of a sharded test: a CPU matmul's
+    sums follow its thread split, so results compared bit for bit (or within 1e-6) across
+    processes need the same split on both sides."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

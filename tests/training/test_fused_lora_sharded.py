@@ -18,14 +18,10 @@ from src.training.batching import build_rows, collate
 from src.training.examples import Examples
 from src.training.fused_lora import install_fused_lora
 from src.training.loop import supervised_loss_sum
-from tests.helpers import FACTS, OTHER_FACTS
+from tests.helpers import FACTS, OTHER_FACTS, one_thread
 
 CPU = torch.device("cpu")
 WORLD = 2
-# Each side's GEMMs on one thread: with more, MKL may use fewer threads than asked when the
-# machine is loaded (MKL_DYNAMIC), and a sum over ~500 tokens then rounds otherwise (a full
-# suite once saw 1e-4 relative differences in the gradients from that alone).
-ONE_THREAD = 1
 
 
 def lora_model(model_dir):
@@ -58,7 +54,7 @@ def sharded_rank(rank: int, init_file: str, model_dir: str, batches_file: str, o
     from torch.distributed.tensor import DTensor
 
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the children's logs are not the test's)
-    torch.set_num_threads(ONE_THREAD)
+    torch.set_num_threads(1)  # as the reference's one_thread(): the same sums, same rounding
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         model = lora_model(model_dir)
@@ -104,17 +100,13 @@ def test_sharded_lora_parameters_train_as_one_process_does(tiny_model_dir, halve
         nprocs=WORLD,
     )
     sharded = torch.load(out, weights_only=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(ONE_THREAD)
-    try:
+    with one_thread():  # (a full suite once saw the gradients 1e-4 apart without it)
         model = lora_model(tiny_model_dir)
         losses = []
         for batch in halves:
             loss = supervised_loss_sum(model, batch, CPU)
             loss.backward()
             losses.append(loss.detach())
-    finally:
-        torch.set_num_threads(threads)
     want = {n: p.grad / WORLD for n, p in model.named_parameters() if p.grad is not None}
     assert [float(x) for x in sharded["losses"]] == pytest.approx(
         [float(x) for x in losses], rel=1e-6

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load
 
 from src.modeling import Placement
-from tests.helpers import FACTS, write_jsonl
+from tests.helpers import FACTS, one_thread, write_jsonl
 from tests.training.sharded_worker import DTYPES, SETTINGS, job_for
 from tools.tiny_model import build_tiny_llama
 
@@ -62,18 +62,13 @@ def one_process(data, model_dir, out) -> dict:
     from src.training.distributed import World
 
     archives = {}
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, one_thread():
         patch.setenv("BASE_MODEL", str(model_dir))
-        torch.set_num_threads(1)
-        try:
-            for name, dtype in DTYPES.items():
-                placement = Placement(torch.device("cpu"), dtype)
-                patch.setattr(src.training.run, "pick_placement", lambda p=placement: p)
-                job = job_for(data, World(), out / f"one-{name}")
-                archives[name] = src.training.run.train_and_save(job, Stopwatch())
-        finally:
-            torch.set_num_threads(threads)
+        for name, dtype in DTYPES.items():
+            placement = Placement(torch.device("cpu"), dtype)
+            patch.setattr(src.training.run, "pick_placement", lambda p=placement: p)
+            job = job_for(data, World(), out / f"one-{name}")
+            archives[name] = src.training.run.train_and_save(job, Stopwatch())
     return archives
 
 
